@@ -1,0 +1,130 @@
+"""``rag-app``: ingest documents and ask questions from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rag_app.errors import RagAppError
+
+
+def _quiet_libraries() -> None:
+    """Keep vLLM's and Hugging Face's start-up chatter out of answers, unless asked for."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="settings file (default: $RAG_APP_CONFIG, else ./config.toml)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="rag-app", description="RAG over Milvus and vLLM.", parents=[common]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest = commands.add_parser(
+        "ingest", parents=[common], help="load a file or folder of documents into Milvus"
+    )
+    ingest.add_argument("path", help="file or folder (read recursively)")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    query = commands.add_parser("query", parents=[common], help="answer a question with sources")
+    query.add_argument("question")
+    query.add_argument("--top-k", type=int, metavar="N", help="chunks to retrieve")
+    query.add_argument("--json", action="store_true", help="print one JSON object")
+    query.add_argument(
+        "--stream", action="store_true", help="print tokens as they arrive (llm.mode = server)"
+    )
+    return parser
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from rag_app.config import load_config
+    from rag_app.pipelines.ingest import ingest_path
+
+    cfg = load_config(getattr(args, "config", None))
+    report = ingest_path(cfg, args.path, progress=False if args.no_progress else None)
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(report.summary())
+    return 0
+
+
+def _sources(response: Any) -> list[dict[str, Any]]:
+    from rag_app.pipelines.query import node_source
+
+    return [
+        {
+            "source": node_source(node),
+            "title": node.node.metadata.get("title"),
+            "score": None if node.score is None else round(float(node.score), 4),
+            "text": node.node.get_content(),
+        }
+        for node in response.source_nodes
+    ]
+
+
+def _query(args: argparse.Namespace) -> int:
+    from rag_app.components.llm import build_llm
+    from rag_app.config import load_config
+    from rag_app.pipelines.query import build_query_engine
+
+    cfg = load_config(getattr(args, "config", None))
+    if args.top_k is not None and args.top_k < 1:
+        raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.stream and cfg.llm.mode != "server":
+        raise RagAppError("--stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)")
+    llm = build_llm(cfg)
+    try:
+        engine = build_query_engine(cfg, llm=llm, top_k=args.top_k, streaming=args.stream)
+        response = engine.query(args.question)
+        if args.stream:
+            parts = []
+            for token in response.response_gen:  # type: ignore[union-attr]
+                parts.append(token)
+                if not args.json:
+                    print(token, end="", flush=True)
+            answer = "".join(parts).strip()
+        else:
+            answer = str(response).strip()
+    finally:
+        close = getattr(llm, "close", None)
+        if callable(close):
+            close()
+    sources = _sources(response)
+    if args.json:
+        print(json.dumps({"answer": answer, "sources": sources}))
+        return 0
+    print("" if args.stream else answer)
+    print("\nSources:")
+    for number, source in enumerate(sources, 1):
+        print(f"  [{number}] {source['source']}  (score {source['score']})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a user error, with a one-line message)."""
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return {"ingest": _ingest, "query": _query}[args.command](args)
+    except RagAppError as exc:
+        print(f"rag-app: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rag-app: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

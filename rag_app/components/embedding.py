@@ -1,0 +1,61 @@
+"""The embedding model: a LlamaIndex ``HuggingFaceEmbedding`` over sentence-transformers.
+
+Each vector is normalised by its own norm (``normalize=True``), so inner product equals
+cosine similarity; the query instruction (BGE's retrieval prefix) goes on queries only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+from rag_app.config import RagConfig
+from rag_app.errors import RagAppError
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or os.path.isabs(model)
+
+
+def model_identity(model: str) -> str:
+    """The name stored with a collection: a hub id and a local copy of it compare equal."""
+    return Path(model.rstrip("/")).name
+
+
+def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
+    """Load the configured sentence-transformers model (a hub id or a local folder)."""
+    settings = cfg.embedding
+    if _looks_like_path(settings.model) and not (Path(settings.model) / "config.json").is_file():
+        raise RagAppError(
+            f"embedding model folder not found: {settings.model} "
+            "(run `.venv/bin/python scripts/fetch_models.py`, or set embedding.model)"
+        )
+    try:
+        return HuggingFaceEmbedding(
+            model_name=settings.model,
+            query_instruction=settings.query_instruction or None,
+            text_instruction=settings.text_instruction or None,
+            normalize=True,
+            embed_batch_size=settings.batch_size,
+            device=None if settings.device == "auto" else settings.device,
+        )
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RagAppError(
+            f"cannot load embedding model {settings.model!r}: {reason} "
+            "(download it first, e.g. `hf download MODEL`, or point embedding.model "
+            "at a local folder)"
+        ) from None
+
+
+def embedding_dimension(embed_model: BaseEmbedding) -> int:
+    """The vector size the model produces, which the collection's schema must match."""
+    model = getattr(embed_model, "_model", None)
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(
+        model, "get_sentence_embedding_dimension", None
+    )
+    dim = getter() if getter else None
+    return int(dim) if dim else len(embed_model.get_text_embedding("dimension probe"))

@@ -1,0 +1,109 @@
+"""Milvus as the LlamaIndex vector store: Milvus Lite (a local file) or a server, same code.
+
+A collection remembers which embedding model filled it (a collection property), and a
+store is refused when the model or the vector dimension does not match, instead of
+silently mixing incomparable vectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llama_index.core import StorageContext
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.vector_stores.milvus import MilvusVectorStore
+from pymilvus import MilvusClient, MilvusException
+
+from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
+from rag_app.config import RagConfig
+from rag_app.errors import RagAppError
+
+MODEL_PROPERTY = "rag_app.embedding_model"
+EMBEDDING_FIELD = "embedding"
+
+
+def _connect(cfg: RagConfig) -> MilvusClient:
+    settings = cfg.milvus
+    if settings.is_lite:
+        Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
+    except MilvusException as exc:
+        raise RagAppError(
+            f"cannot connect to Milvus at {settings.uri}: {exc.message} "
+            "(check milvus.uri and milvus.token; a Lite file is usable by one process at a time)"
+        ) from None
+
+
+def _collection_facts(client: MilvusClient, name: str) -> tuple[int | None, str | None]:
+    """The dense vector dimension and the embedding model recorded for a collection."""
+    info: dict[str, Any] = client.describe_collection(name)
+    dim = next(
+        (
+            int(field["params"]["dim"])
+            for field in info.get("fields", [])
+            if field.get("name") == EMBEDDING_FIELD and "dim" in field.get("params", {})
+        ),
+        None,
+    )
+    return dim, info.get("properties", {}).get(MODEL_PROPERTY)
+
+
+def build_vector_store(
+    cfg: RagConfig, embed_model: BaseEmbedding | None = None
+) -> MilvusVectorStore:
+    """Open (or create) the configured collection as a ``MilvusVectorStore``.
+
+    An existing collection is checked against the configured embedding model by name,
+    and by dimension when ``embed_model`` is given; a new one takes its dimension from
+    the model (loaded here if not given). Loads the collection for search, which a
+    reopened collection needs.
+    """
+    settings = cfg.milvus
+    identity = model_identity(cfg.embedding.model)
+    client = _connect(cfg)
+    try:
+        exists = client.has_collection(settings.collection)
+        if exists:
+            dim, stored = _collection_facts(client, settings.collection)
+            if stored and stored != identity:
+                raise RagAppError(
+                    f"collection {settings.collection!r} at {settings.uri} was embedded with "
+                    f"{stored!r}, not {identity!r} (use another milvus.collection, or the "
+                    "model it was built with)"
+                )
+            model_dim = embedding_dimension(embed_model) if embed_model else dim
+            if dim is not None and model_dim != dim:
+                raise RagAppError(
+                    f"collection {settings.collection!r} holds {dim}-d vectors but "
+                    f"{identity!r} makes {model_dim}-d ones (use another milvus.collection)"
+                )
+        else:
+            dim = embedding_dimension(embed_model or build_embed_model(cfg))
+        store = MilvusVectorStore(
+            uri=settings.uri,
+            token=settings.token.get_secret_value(),
+            collection_name=settings.collection,
+            dim=dim,
+            embedding_field=EMBEDDING_FIELD,
+            similarity_metric="IP",
+            consistency_level=settings.consistency_level,
+            upsert_mode=True,
+            overwrite=False,
+            collection_properties=None if exists else {MODEL_PROPERTY: identity},
+        )
+        store.client.load_collection(settings.collection)
+    except MilvusException as exc:
+        raise RagAppError(f"Milvus at {settings.uri} refused the request: {exc.message}") from None
+    finally:
+        if hasattr(client, "close"):
+            client.close()
+    return store
+
+
+def build_storage_context(
+    cfg: RagConfig, embed_model: BaseEmbedding | None = None
+) -> StorageContext:
+    """A ``StorageContext`` whose vector store is the configured Milvus collection."""
+    return StorageContext.from_defaults(vector_store=build_vector_store(cfg, embed_model))

@@ -1,0 +1,257 @@
+"""Typed settings: a TOML file, overridden by ``RAG_APP_<SECTION>__<KEY>`` variables and Python.
+
+Precedence, lowest to highest: the code defaults below (the same values as the shipped
+``config.toml``), the TOML file, environment variables, keyword overrides to :func:`load_config`.
+Relative paths written in a TOML file are resolved from that file's directory, so a profile
+such as ``configs/cpu-small.toml`` works whatever the working directory is.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from rag_app.errors import RagAppError
+
+ENV_PREFIX = "RAG_APP_"
+CONFIG_ENV = "RAG_APP_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+_SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "grpcs://", "unix:")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MilvusSettings(_Section):
+    uri: str = "./data/milvus_rag.db"
+    token: SecretStr = SecretStr("")
+    collection: str = Field("rag_docs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Session"
+
+    @property
+    def is_lite(self) -> bool:
+        """True when ``uri`` names a local Milvus Lite file rather than a server."""
+        return not self.uri.startswith(_SERVER_SCHEMES)
+
+
+class EmbeddingSettings(_Section):
+    model: str = "BAAI/bge-large-en-v1.5"
+    query_instruction: str = "Represent this sentence for searching relevant passages: "
+    text_instruction: str = ""
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "auto"
+
+
+class ChunkingSettings(_Section):
+    chunk_size: int = Field(512, ge=32, description="characters")
+    chunk_overlap: int = Field(51, ge=0, description="characters")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkingSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than "
+                f"chunk_size ({self.chunk_size})"
+            )
+        return self
+
+
+class RetrievalSettings(_Section):
+    top_k: int = Field(3, ge=1, le=100)
+
+
+class LLMSettings(_Section):
+    mode: Literal["local", "server"] = "local"
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    api_base: str = "http://127.0.0.1:8000/v1"
+    api_key: SecretStr = SecretStr("")
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1)
+    max_model_len: int = Field(8192, ge=128)
+    dtype: str = "bfloat16"
+    seed: int | None = 415
+    request_timeout: float = Field(120.0, gt=0)
+    engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"gpu_memory_utilization": 0.85})
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _answer_fits(self) -> LLMSettings:
+        if self.max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be smaller than "
+                f"max_model_len ({self.max_model_len})"
+            )
+        return self
+
+
+_toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
+
+
+class _TomlValues(PydanticBaseSettingsSource):
+    """Feeds the already-parsed TOML file to pydantic-settings at the lowest precedence."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_toml_values.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_values.get() or {})
+
+
+class RagConfig(BaseSettings):
+    """All of rag_app's settings. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    milvus: MilvusSettings = Field(default_factory=lambda: MilvusSettings())
+    embedding: EmbeddingSettings = Field(default_factory=lambda: EmbeddingSettings())
+    chunking: ChunkingSettings = Field(default_factory=lambda: ChunkingSettings())
+    retrieval: RetrievalSettings = Field(default_factory=lambda: RetrievalSettings())
+    llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
+    source: str = Field("", exclude=True, description="the TOML file these settings came from")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlValues(settings_cls))
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("./", "../", "~", "/", ".\\", "..\\"))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative paths written in a TOML file absolute, from the file's directory."""
+    milvus = data.get("milvus")
+    if isinstance(milvus, dict) and isinstance(milvus.get("uri"), str):
+        uri = milvus["uri"]
+        if not uri.startswith(_SERVER_SCHEMES):
+            milvus["uri"] = str((base / Path(uri).expanduser()).resolve())
+    for section in ("embedding", "llm"):
+        values = data.get(section)
+        model = values.get("model") if isinstance(values, dict) else None
+        if isinstance(values, dict) and isinstance(model, str) and _looks_like_path(model):
+            values["model"] = str((base / Path(values["model"]).expanduser()).resolve())
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``llm__model="x"`` style keywords into ``{"llm": {"model": "x"}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition("__")
+        if rest:
+            nested.setdefault(head, {})
+            if not isinstance(nested[head], dict):
+                raise RagAppError(f"override {key!r} conflicts with override {head!r}")
+            nested[head].update(_nest({rest: value}))
+        elif isinstance(value, dict) and isinstance(nested.get(head), dict):
+            nested[head].update(value)
+        else:
+            nested[head] = value
+    return nested
+
+
+def _config_path(path: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """The file to read, and whether the user named it (a named file must exist)."""
+    if path is not None:
+        return Path(path).expanduser(), True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]).expanduser(), True
+    return Path.cwd() / DEFAULT_CONFIG_NAME, False
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RagAppError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise RagAppError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _describe(error: Any, file: str, overrides: dict[str, Any]) -> str:
+    """One line naming the key, where its value came from, and what is wrong with it."""
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) for part in loc)
+    env_name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    if _lookup(overrides, loc):
+        where = "the keyword overrides"
+    elif env_name in _env_upper():
+        where = f"environment variable {env_name}"
+    else:
+        where = file or "the built-in defaults"
+    if error["type"] == "extra_forbidden":
+        section = error["loc"][0] if len(error["loc"]) > 1 else None
+        valid = _valid_keys(str(section)) if section else ", ".join(RagConfig.model_fields)
+        return f"unknown setting {key!r} in {where}; valid keys there: {valid}"
+    return f"invalid setting {key!r} in {where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _env_upper() -> set[str]:
+    return {name.upper() for name in os.environ}
+
+
+def _valid_keys(section: str) -> str:
+    field = RagConfig.model_fields.get(section)
+    annotation = field.annotation if field else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return ", ".join(annotation.model_fields)
+    return ", ".join(RagConfig.model_fields)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> RagConfig:
+    """Load settings from ``path`` (or ``$RAG_APP_CONFIG``, or ``./config.toml``).
+
+    Keyword overrides take precedence over everything and may be nested dicts
+    (``llm={"model": ...}``) or double-underscore keys (``llm__model=...``), mirroring
+    the environment variable names. A missing file that was not named explicitly means
+    the built-in defaults; a named file that is missing, a syntax error, an unknown key
+    or a wrong type raises :class:`RagAppError` with a one-line message.
+    """
+    file, named = _config_path(path)
+    data: dict[str, Any] = {}
+    if file.is_file():
+        data = _read_toml(file)
+        _resolve_paths(data, file.resolve().parent)
+    elif named:
+        raise RagAppError(f"config file not found: {file} (pass --config FILE or set {CONFIG_ENV})")
+    nested = _nest(overrides)
+    token = _toml_values.set(data)
+    try:
+        cfg = RagConfig(**nested)
+    except ValidationError as exc:
+        origin = str(file) if file.is_file() else ""
+        raise RagAppError(_describe(exc.errors()[0], origin, nested)) from None
+    finally:
+        _toml_values.reset(token)
+    cfg.source = str(file.resolve()) if file.is_file() else ""
+    return cfg

@@ -1,0 +1,101 @@
+"""Answering questions: Milvus retrieval, the grounded prompt, and the generator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core import VectorStoreIndex
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.llms import LLM
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.response_synthesizers import CompactAndRefine
+from llama_index.core.response_synthesizers.base import QueryTextType
+from llama_index.core.schema import NodeWithScore
+from llama_index.vector_stores.milvus import MilvusVectorStore
+
+from rag_app.components.embedding import build_embed_model
+from rag_app.components.llm import build_llm
+from rag_app.components.vector_store import build_vector_store
+from rag_app.config import RagConfig
+from rag_app.prompts import GROUNDED_QA_PROMPT, REFINE_PROMPT
+
+CHUNK_SEPARATOR = "\n---\n"
+
+
+def node_source(node: NodeWithScore) -> str:
+    """The file path (relative to the ingested folder) or URL a chunk came from."""
+    metadata = node.node.metadata
+    return str(metadata.get("source") or metadata.get("file_path") or node.node.ref_doc_id or "")
+
+
+class GroundedSynthesizer(CompactAndRefine):
+    """Compact-and-refine with the recipe's ordering: best chunk last, sources listed.
+
+    ``source_nodes`` on the response stay best-first; only the prompt is reversed, so the
+    most relevant text sits next to the question.
+    """
+
+    def synthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        response_kwargs.setdefault("sources_str", _sources_str(nodes))
+        return super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
+
+    async def asynthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        response_kwargs.setdefault("sources_str", _sources_str(nodes))
+        return await super().asynthesize(query, nodes, additional_source_nodes, **response_kwargs)
+
+    def _make_compact_text_chunks(self, query_str: str, text_chunks: Sequence[str]) -> list[str]:
+        best_last = [CHUNK_SEPARATOR.lstrip("\n") + chunk for chunk in reversed(text_chunks)]
+        return super()._make_compact_text_chunks(query_str, best_last)
+
+
+def _sources_str(nodes: Sequence[NodeWithScore]) -> str:
+    return ", ".join(dict.fromkeys(node_source(n) for n in nodes if node_source(n)))
+
+
+def build_index(
+    cfg: RagConfig,
+    *,
+    embed_model: BaseEmbedding | None = None,
+    vector_store: MilvusVectorStore | None = None,
+) -> VectorStoreIndex:
+    """A ``VectorStoreIndex`` over the existing Milvus collection (nothing is re-embedded)."""
+    embed_model = embed_model or build_embed_model(cfg)
+    vector_store = vector_store or build_vector_store(cfg, embed_model)
+    return VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model)
+
+
+def build_query_engine(
+    cfg: RagConfig,
+    *,
+    index: VectorStoreIndex | None = None,
+    llm: LLM | None = None,
+    top_k: int | None = None,
+    streaming: bool = False,
+) -> RetrieverQueryEngine:
+    """The grounded query engine: retrieve ``top_k`` chunks, answer from them with sources."""
+    index = index or build_index(cfg)
+    llm = llm or build_llm(cfg)
+    synthesizer = GroundedSynthesizer(
+        llm=llm,
+        text_qa_template=GROUNDED_QA_PROMPT,
+        refine_template=REFINE_PROMPT,
+        streaming=streaming,
+    )
+    return RetrieverQueryEngine(
+        retriever=index.as_retriever(similarity_top_k=top_k or cfg.retrieval.top_k),
+        response_synthesizer=synthesizer,
+    )
