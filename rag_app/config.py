@@ -76,6 +76,7 @@ class LLMSettings(_Section):
     temperature: float = Field(0.2, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     max_model_len: int = Field(8192, ge=128)
     dtype: str = "bfloat16"
     seed: int | None = 415

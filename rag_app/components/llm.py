@@ -45,12 +45,21 @@ class ChatTemplateVllm(Vllm):
 
     context_window: int = 4096
     seed: int | None = None
+    repetition_penalty: float = 1.0
     _tokenizer: Any = PrivateAttr()
 
-    def __init__(self, *, context_window: int, seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        context_window: int,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.context_window = context_window
         self.seed = seed
+        self.repetition_penalty = repetition_penalty
         self._tokenizer = self._client.get_tokenizer()
         if not getattr(self._tokenizer, "chat_template", None):
             raise RagAppError(
@@ -77,6 +86,7 @@ class ChatTemplateVllm(Vllm):
     def _model_kwargs(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in super()._model_kwargs.items() if k != "best_of"}
         kwargs["seed"] = self.seed
+        kwargs["repetition_penalty"] = self.repetition_penalty
         return kwargs
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
@@ -150,6 +160,7 @@ def _build_local(cfg: RagConfig) -> ChatTemplateVllm:
             dtype=settings.dtype,
             context_window=settings.max_model_len,
             seed=settings.seed,
+            repetition_penalty=settings.repetition_penalty,
             vllm_kwargs={"max_model_len": settings.max_model_len, **settings.engine_kwargs},
         )
     except (OSError, ValueError, RuntimeError) as exc:
@@ -163,6 +174,8 @@ def _build_local(cfg: RagConfig) -> ChatTemplateVllm:
 def _build_server(cfg: RagConfig) -> OpenAILike:
     settings = cfg.llm
     extra: dict[str, Any] = {"top_p": settings.top_p}
+    if settings.repetition_penalty != 1.0:
+        extra["extra_body"] = {"repetition_penalty": settings.repetition_penalty}
     if settings.seed is not None:
         extra["seed"] = settings.seed
     return OpenAILike(

@@ -19,6 +19,8 @@ from llama_index.core import Document
 # Metadata the LLM sees with each chunk; everything else stays out of prompts and
 # embeddings (a path or a timestamp does not describe the text).
 LLM_METADATA = ("source", "title")
+_BLOCK_TAGS = ["p", "div", "br", "li", "tr", "pre", "table", "section", "article", "blockquote"]
+_BLOCK_TAGS += [f"h{level}" for level in range(1, 7)]
 _BOILERPLATE_TAGS = ("script", "style", "noscript", "nav", "header", "footer", "aside", "form")
 
 
@@ -67,7 +69,9 @@ def parse_html(path: Path) -> Parsed:
     for tag in soup(_BOILERPLATE_TAGS):
         tag.decompose()
     body = soup.find("main") or soup.find("article") or soup.body or soup
-    lines = (line.strip() for line in body.get_text("\n").splitlines())
+    for block in body.find_all(_BLOCK_TAGS):
+        block.insert_after("\n")
+    lines = (" ".join(line.split()) for line in body.get_text().splitlines())
     return Parsed("\n".join(line for line in lines if line), title or None)
 
 

@@ -19,7 +19,7 @@ from llama_index.core.schema import BaseNode, Document, MetadataMode
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from tqdm import tqdm
 
-from rag_app.components.chunking import build_splitter
+from rag_app.components.chunking import chunk_documents
 from rag_app.components.embedding import build_embed_model
 from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
 from rag_app.components.vector_store import build_vector_store
@@ -98,7 +98,7 @@ def ingest_path(
             f"none of the {len(files)} files in {root} could be read: {first[0]}: {first[1]}"
         )
 
-    nodes = build_splitter(cfg).get_nodes_from_documents(documents)
+    nodes = chunk_documents(cfg, documents)
     embed_model = embed_model or build_embed_model(cfg)
     store = vector_store or build_vector_store(cfg, embed_model)
 

@@ -1,0 +1,170 @@
+"""Shared, real test components: the offline MiniLM and SmolLM2 models, Milvus Lite files,
+one in-process vLLM engine and one ``vllm serve``-equivalent process per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE = REPO / "configs" / "cpu-small.toml"
+CORPUS = REPO.parent / "shared" / "corpora" / "milvus-docs"
+# Pages of the Milvus docs that talk about index parameters, next to the in-memory index
+# page (reference/index.md): close competitors for the HNSW question, not easy filler.
+SLICE = [
+    "reference/index.md",
+    "reference/disk_index.md",
+    "reference/gpu_index.md",
+    "reference/scalar_index.md",
+    "reference/metric.md",
+    "reference/consistency.md",
+    "reference/mmap.md",
+    "reference/replica.md",
+    "reference/multi_tenancy.md",
+    "reference/reranking.md",
+]
+HNSW_QUESTION = "What do the parameters for HNSW mean?"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [p for p in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct") if not (REPO / ".models" / p / "config.json").is_file()]
+    if missing:
+        raise pytest.UsageError(
+            f"offline models missing in .models/: {', '.join(missing)}; "
+            "run `.venv/bin/python scripts/fetch_models.py` first"
+        )
+    if not CORPUS.is_dir():
+        raise pytest.UsageError(f"test corpus not found at {CORPUS}")
+
+
+@pytest.fixture
+def small_cfg(tmp_path: Path):
+    """The CPU profile on a fresh Milvus Lite file of this test's own."""
+    from rag_app import load_config
+
+    return load_config(PROFILE, milvus__uri=str(tmp_path / "milvus.db"))
+
+
+@pytest.fixture(scope="session")
+def embed_model():
+    from rag_app import build_embed_model, load_config
+
+    return build_embed_model(load_config(PROFILE))
+
+
+@pytest.fixture(scope="session")
+def corpus_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("milvus-docs")
+    for page in SLICE:
+        (root / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(CORPUS / page, root / page)
+    return root
+
+
+@pytest.fixture(scope="session")
+def session_cfg(tmp_path_factory: pytest.TempPathFactory):
+    from rag_app import load_config
+
+    return load_config(PROFILE, milvus__uri=str(tmp_path_factory.mktemp("store") / "milvus.db"))
+
+
+@pytest.fixture(scope="session")
+def ingested(session_cfg, corpus_slice, embed_model):
+    """The corpus slice ingested once into the session's Milvus Lite file."""
+    from rag_app import build_vector_store, ingest_path
+
+    store = build_vector_store(session_cfg, embed_model)
+    report = ingest_path(session_cfg, corpus_slice, embed_model=embed_model, vector_store=store)
+    return report, store
+
+
+@pytest.fixture(scope="session")
+def session_index(session_cfg, ingested, embed_model):
+    from rag_app import build_index
+
+    return build_index(session_cfg, embed_model=embed_model, vector_store=ingested[1])
+
+
+@pytest.fixture(scope="session")
+def local_llm(session_cfg) -> Iterator:
+    """One in-process vLLM engine on SmolLM2 for the whole session (~40 s to start)."""
+    from rag_app import build_llm
+
+    llm = build_llm(session_cfg)
+    yield llm
+    llm.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real vLLM OpenAI-compatible server on 127.0.0.1, serving SmolLM2; yields /v1 URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(REPO / ".models" / "SmolLM2-135M-Instruct"),
+        "--served-model-name", "smollm2",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server not ready in 300 s: {log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield base + "/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def server_cfg(session_cfg, vllm_server):
+    from rag_app import load_config
+
+    return load_config(
+        PROFILE,
+        milvus__uri=session_cfg.milvus.uri,
+        llm={"mode": "server", "api_base": vllm_server, "model": "smollm2"},
+    )
