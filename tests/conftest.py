@@ -40,7 +40,11 @@ HNSW_QUESTION = "What do the parameters for HNSW mean?"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    missing = [p for p in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct") if not (REPO / ".models" / p / "config.json").is_file()]
+    missing = [
+        p
+        for p in ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+        if not (REPO / ".models" / p / "config.json").is_file()
+    ]
     if missing:
         raise pytest.UsageError(
             f"offline models missing in .models/: {', '.join(missing)}; "

@@ -13,7 +13,7 @@ from llama_index.core.schema import TextNode
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from pymilvus import MilvusClient
 
-from rag_app import RagAppError, build_index, build_vector_store, ingest_path, load_config
+from rag_app import RagAppError, build_index, build_vector_store, ingest_path
 
 
 def rows(store: MilvusVectorStore, expr: str = 'id != ""', fields=("id", "doc_id", "text")):
@@ -130,10 +130,14 @@ def test_a_missing_embedding_model_is_a_one_line_error(small_cfg):
 
     cfg = small_cfg.model_copy(deep=True)
     cfg.embedding.model = str(REPO / ".models" / "no-such-model")
-    with pytest.raises(RagAppError, match="embedding model folder not found: .*no-such-model .*fetch_models"):
+    with pytest.raises(
+        RagAppError, match=r"embedding model folder not found: .*no-such-model .*fetch_models"
+    ):
         build_embed_model(cfg)
     cfg.embedding.model = "BAAI/bge-large-en-v1.5"  # a hub id, with the hub unreachable
-    with pytest.raises(RagAppError, match="cannot load embedding model 'BAAI/bge-large-en-v1.5'") as error:
+    with pytest.raises(
+        RagAppError, match=r"cannot load embedding model 'BAAI/bge-large-en-v1\.5'"
+    ) as error:
         build_embed_model(cfg)
     assert "\n" not in str(error.value)
 
@@ -145,15 +149,17 @@ def _foreign_collection(cfg, dim: int, model: str | None) -> None:
         collection_name=cfg.milvus.collection,
         dim=dim,
         collection_properties={"rag_app.embedding_model": model} if model else None,
-    ).add(
-        [TextNode(id_="keep#0", text="precious", embedding=[1.0] + [0.0] * (dim - 1))]
-    )
+    ).add([TextNode(id_="keep#0", text="precious", embedding=[1.0] + [0.0] * (dim - 1))])
 
 
 @pytest.mark.parametrize(
     ("dim", "model", "message"),
     [
-        (1024, "bge-large-en-v1.5", "was embedded with 'bge-large-en-v1.5', not 'all-MiniLM-L6-v2'"),
+        (
+            1024,
+            "bge-large-en-v1.5",
+            "was embedded with 'bge-large-en-v1.5', not 'all-MiniLM-L6-v2'",
+        ),
         (1024, None, "holds 1024-d vectors but 'all-MiniLM-L6-v2' makes 384-d ones"),
     ],
 )

@@ -73,6 +73,9 @@ class ChatTemplateVllm(Vllm):
     def class_name(cls) -> str:
         return "ChatTemplateVllm"
 
+    def __repr__(self) -> str:  # the default recurses through the bound prompt renderers
+        return f"ChatTemplateVllm(model={self.model!r}, context_window={self.context_window})"
+
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
@@ -113,10 +116,11 @@ class ChatTemplateVllm(Vllm):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         from vllm import SamplingParams
 
-        rendered = prompt if formatted else self.render_completion(prompt)
+        if not formatted:  # re-enter, so the completion event shows the rendered prompt
+            return self.complete(self.render_completion(prompt), formatted=True, **kwargs)
         params = SamplingParams(**{**self._model_kwargs, **kwargs})
         outputs = self._client.generate(
-            [{"prompt_token_ids": self.token_ids(rendered)}], params, use_tqdm=False
+            [{"prompt_token_ids": self.token_ids(prompt)}], params, use_tqdm=False
         )
         return CompletionResponse(text=outputs[0].outputs[0].text)
 

@@ -1,0 +1,92 @@
+"""End to end with a real in-process vLLM engine on SmolLM2: grounded answers, the chat
+template on every prompt, and our objects plugged into other LlamaIndex components."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import HNSW_QUESTION
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.tools import QueryEngineTool
+from pydantic import Field
+
+from rag_app import build_index, build_query_engine
+from rag_app.prompts import SYSTEM_PROMPT
+
+pytestmark = pytest.mark.llm
+
+
+class PromptRecorder(BaseEventHandler):
+    """Collects the exact prompt text each completion sent to the engine."""
+
+    prompts: list[str] = Field(default_factory=list)
+
+    def handle(self, event, **kwargs) -> None:
+        if isinstance(event, LLMCompletionStartEvent):
+            self.prompts.append(event.prompt)
+
+
+@pytest.fixture
+def sent_prompts():
+    recorder = PromptRecorder(prompts=[])
+    dispatcher = get_dispatcher()
+    dispatcher.add_event_handler(recorder)
+    yield recorder.prompts
+    dispatcher.event_handlers.remove(recorder)
+
+
+def test_answer_is_grounded_in_retrieved_chunks_sent_through_the_chat_template(
+    session_cfg, session_index, local_llm, sent_prompts
+):
+    engine = build_query_engine(session_cfg, index=session_index, llm=local_llm)
+    response = engine.query(HNSW_QUESTION)
+
+    assert str(response).strip()
+    sources = [n.node.metadata["source"] for n in response.source_nodes]
+    assert sources[0] == "reference/index.md"
+    assert len(sources) == session_cfg.retrieval.top_k
+
+    (prompt,) = sent_prompts
+    assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "\nuser: " not in prompt and "assistant: " not in prompt  # no generic format
+    assert f"Grounding sources: {', '.join(dict.fromkeys(sources))}\n" in prompt
+    assert prompt.rstrip().endswith(
+        f"User's question: {HNSW_QUESTION}<|im_end|>\n<|im_start|>assistant"
+    )
+    chunk_positions = [prompt.index(n.node.get_content()) for n in response.source_nodes]
+    assert chunk_positions == sorted(chunk_positions, reverse=True)  # best chunk last
+
+
+def test_plain_completion_is_one_user_turn_of_the_template(local_llm, sent_prompts):
+    reply = local_llm.complete("Name one vector database.")
+    assert reply.text.strip()
+    prompt = sent_prompts[-1]  # the last event carries the text the engine received
+    assert prompt.endswith(
+        "<|im_start|>user\nName one vector database.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert local_llm.token_ids(prompt)[0] == local_llm._tokenizer.convert_tokens_to_ids(
+        "<|im_start|>"
+    )
+
+
+def test_query_engine_plugs_into_a_query_engine_tool(session_cfg, session_index, local_llm):
+    engine = build_query_engine(session_cfg, index=session_index, llm=local_llm)
+    tool = QueryEngineTool.from_defaults(
+        query_engine=engine, name="milvus_docs", description="Answers questions about Milvus."
+    )
+    output = tool.call(HNSW_QUESTION)
+    assert output.content.strip()
+    assert output.raw_output.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+def test_another_app_builds_its_own_engine_from_our_index(
+    session_cfg, ingested, embed_model, local_llm
+):
+    retriever = build_index(session_cfg, embed_model=embed_model).as_retriever(similarity_top_k=2)
+    engine = RetrieverQueryEngine.from_args(retriever, llm=local_llm)
+    response = engine.query(HNSW_QUESTION)
+    assert str(response).strip()
+    assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"

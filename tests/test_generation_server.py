@@ -1,0 +1,101 @@
+"""``server`` mode against a real vLLM OpenAI-compatible server process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import CORPUS, HNSW_QUESTION, PROFILE
+from llama_index.core.llms import ChatMessage
+from llama_index.llms.openai_like import OpenAILike
+
+from rag_app import build_llm, build_query_engine
+
+pytestmark = pytest.mark.server
+
+
+def test_server_mode_answers_with_sources(server_cfg, session_index):
+    llm = build_llm(server_cfg)
+    assert isinstance(llm, OpenAILike)
+    response = build_query_engine(server_cfg, index=session_index, llm=llm).query(HNSW_QUESTION)
+    assert str(response).strip()
+    assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+def test_server_mode_streams_tokens(server_cfg, session_index):
+    llm = build_llm(server_cfg)
+    deltas = [
+        chunk.delta
+        for chunk in llm.stream_chat([ChatMessage(role="user", content="Count to five.")])
+    ]
+    assert len(deltas) > 1 and "".join(d or "" for d in deltas).strip()
+
+    engine = build_query_engine(server_cfg, index=session_index, llm=llm, streaming=True)
+    response = engine.query(HNSW_QUESTION)
+    tokens = list(response.response_gen)
+    assert len(tokens) > 1 and "".join(tokens).strip()
+    assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
+    docs = tmp_path / "docs" / "reference"
+    docs.mkdir(parents=True)
+    shutil.copy(CORPUS / "reference" / "index.md", docs / "index.md")
+    env = {
+        **os.environ,
+        "RAG_APP_CONFIG": str(PROFILE),
+        "RAG_APP_MILVUS__URI": str(tmp_path / "cli.db"),
+        "RAG_APP_LLM__MODE": "server",
+        "RAG_APP_LLM__API_BASE": vllm_server,
+        "RAG_APP_LLM__MODEL": "smollm2",
+    }
+    cli = [sys.executable, "-m", "rag_app.cli"]
+    ingest = subprocess.run(
+        [*cli, "ingest", str(tmp_path / "docs")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ingest.returncode == 0, ingest.stderr
+
+    query = subprocess.run(
+        [*cli, "query", HNSW_QUESTION, "--json", "--top-k", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert query.returncode == 0, query.stderr
+    result = json.loads(query.stdout)
+    assert result["answer"].strip()
+    assert [s["source"] for s in result["sources"]] == ["reference/index.md"] * 2
+    assert all(set(s) >= {"source", "score", "text"} and s["text"] for s in result["sources"])
+
+    streamed = subprocess.run(
+        [*cli, "query", HNSW_QUESTION, "--stream"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    answer, _, sources = streamed.stdout.partition("\nSources:\n")
+    assert answer.strip() and "[1] reference/index.md" in sources
+
+
+def test_cli_refuses_stream_in_local_mode_in_one_line(tmp_path):
+    env = {**os.environ, "RAG_APP_MILVUS__URI": str(tmp_path / "x.db")}
+    result = subprocess.run(
+        [sys.executable, "-m", "rag_app.cli", "--config", str(PROFILE), "query", "q", "--stream"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "rag-app: error: --stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)"
+    )
