@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("path", help="file or folder (read recursively)")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ingest.add_argument(
+        "--no-delete",
+        action="store_true",
+        help="keep documents that are no longer in the folder (default: delete them)",
+    )
 
     query = commands.add_parser("query", parents=[common], help="answer a question with sources")
     query.add_argument("question")
@@ -53,7 +59,12 @@ def _ingest(args: argparse.Namespace) -> int:
     from rag_app.pipelines.ingest import ingest_path
 
     cfg = load_config(getattr(args, "config", None))
-    report = ingest_path(cfg, args.path, progress=False if args.no_progress else None)
+    report = ingest_path(
+        cfg,
+        args.path,
+        delete_missing=not args.no_delete,
+        progress=False if args.no_progress else None,
+    )
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     print(report.summary())
@@ -116,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, with a one-line message)."""
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("rag_app").setLevel(logging.INFO)
     try:
         return {"ingest": _ingest, "query": _query}[args.command](args)
     except RagAppError as exc:

@@ -190,7 +190,9 @@ def test_cli_ingest_prints_a_summary_and_errors_in_one_line(tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip().startswith("ingested 1 documents, 1 chunks in ")
+    assert ok.stdout.strip().startswith(
+        "ingested 1 documents: 1 added, 0 updated, 0 unchanged, 0 deleted; 1 chunks written in "
+    )
     (tmp_path / "empty").mkdir()
     bad = subprocess.run(
         [sys.executable, "-m", "rag_app.cli", "ingest", str(tmp_path / "empty"), *env_cfg],
@@ -201,3 +203,12 @@ def test_cli_ingest_prints_a_summary_and_errors_in_one_line(tmp_path):
         f"rag-app: error: no documents to ingest in {tmp_path / 'empty'} "
         "(looked for .docx, .htm, .html, .markdown, .md, .pdf, .txt)"
     ]
+
+
+def test_a_missing_llm_model_is_a_one_line_error_before_any_engine_starts(small_cfg):
+    from rag_app import build_llm
+
+    cfg = small_cfg.model_copy(deep=True)
+    cfg.llm.model = str(REPO / ".models" / "no-such-llm")
+    with pytest.raises(RagAppError, match=r"LLM model folder not found: .*no-such-llm"):
+        build_llm(cfg)

@@ -1,15 +1,25 @@
-"""Ingestion: read a folder, chunk, embed in batches, write to Milvus.
+"""Ingestion as a sync: make the collection hold exactly the chunks of a folder.
 
-Rows are upserted under stable chunk ids, so running it again replaces documents in place
-instead of duplicating them; chunks left over from a longer earlier version of a document
-are deleted after its new chunks are written. Embedding happens before any write of a
-batch, so a failure never removes what the collection already held.
+The collection is the only record. Every chunk row carries its document's id (the path
+relative to the ingested folder), a fingerprint of the document version it came from
+(``doc_hash``: text, title, chunking and embedding settings) and the number of chunks of
+that version (``doc_chunks``). So a run, from any machine, can tell for each document
+whether it is unchanged (all its rows carry the current fingerprint and none is missing:
+nothing is embedded), new or changed (embedded and upserted under stable chunk ids
+``<doc id>#<n>``, then rows of other versions deleted), or gone from the folder (deleted).
+
+Each step is idempotent, so a run killed at any moment is completed by the next one: a
+half-written document has rows of two versions or too few rows and is written again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +30,33 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from tqdm import tqdm
 
 from rag_app.components.chunking import chunk_documents
-from rag_app.components.embedding import build_embed_model
+from rag_app.components.embedding import build_embed_model, model_identity
 from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
+log = logging.getLogger(__name__)
+LOG_EVERY_SECONDS = 10.0
+HASH_KEY = "doc_hash"
+CHUNKS_KEY = "doc_chunks"
+_BOOKKEEPING = (HASH_KEY, CHUNKS_KEY)
+
 
 @dataclass
 class IngestReport:
-    documents: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
     chunks: int = 0
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def documents(self) -> int:
+        """Documents the collection now holds from this folder."""
+        return self.added + self.updated + self.unchanged
 
     @property
     def chunks_per_second(self) -> float:
@@ -40,8 +64,9 @@ class IngestReport:
 
     def summary(self) -> str:
         line = (
-            f"ingested {self.documents} documents, {self.chunks} chunks in "
-            f"{self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s)"
+            f"ingested {self.documents} documents: {self.added} added, {self.updated} updated, "
+            f"{self.unchanged} unchanged, {self.deleted} deleted; {self.chunks} chunks written "
+            f"in {self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s)"
         )
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: " + "; ".join(
@@ -50,17 +75,93 @@ class IngestReport:
         return line
 
 
+@dataclass
+class _StoredDocument:
+    hashes: Counter[str] = field(default_factory=Counter)
+    expected: int = 0
+
+    def is_complete(self, doc_hash: str) -> bool:
+        return set(self.hashes) == {doc_hash} and self.hashes[doc_hash] == self.expected
+
+
+def fingerprint(cfg: RagConfig, document: Document) -> str:
+    """Changes whenever the chunks or their vectors would: text, title, settings, model."""
+    settings = (
+        cfg.chunking.chunk_size,
+        cfg.chunking.chunk_overlap,
+        model_identity(cfg.embedding.model),
+        cfg.embedding.text_instruction,
+        document.metadata.get("title"),
+    )
+    payload = json.dumps(settings) + "\n" + document.text
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
+    """What the collection holds, per document: fingerprints of its rows, chunks expected."""
+    stored: dict[str, _StoredDocument] = {}
+    iterator = store.client.query_iterator(
+        store.collection_name,
+        batch_size=2000,
+        filter='id != ""',
+        output_fields=[store.doc_id_field, HASH_KEY, CHUNKS_KEY],
+    )
+    try:
+        while rows := iterator.next():
+            for row in rows:
+                doc = stored.setdefault(row.get(store.doc_id_field) or "", _StoredDocument())
+                doc.hashes[row.get(HASH_KEY) or ""] += 1
+                doc.expected = int(row.get(CHUNKS_KEY) or 0)
+    finally:
+        iterator.close()
+    return stored
+
+
+def _delete_other_versions(store: MilvusVectorStore, doc_id: str, doc_hash: str) -> None:
+    """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too)."""
+    rows = store.client.query(
+        store.collection_name,
+        filter=f"{store.doc_id_field} == {json.dumps(doc_id)}",
+        output_fields=[HASH_KEY],
+    )
+    stale = [row["id"] for row in rows if row.get(HASH_KEY) != doc_hash]
+    if stale:
+        store.client.delete(collection_name=store.collection_name, ids=stale)
+
+
+def _delete_documents(store: MilvusVectorStore, doc_ids: Sequence[str]) -> None:
+    for start in range(0, len(doc_ids), 500):
+        batch = list(doc_ids[start : start + 500])
+        store.client.delete(
+            collection_name=store.collection_name,
+            filter=f"{store.doc_id_field} in {json.dumps(batch)}",
+        )
+
+
 def _batches(nodes: Sequence[BaseNode], size: int) -> Iterator[Sequence[BaseNode]]:
     for start in range(0, len(nodes), size):
         yield nodes[start : start + size]
 
 
-def _delete_stale_chunks(store: MilvusVectorStore, doc_id: str, keep: list[str]) -> None:
-    """Remove a document's rows that its new version no longer has."""
-    store.client.delete(
-        collection_name=store.collection_name,
-        filter=f"{store.doc_id_field} == {json.dumps(doc_id)} and id not in {json.dumps(keep)}",
-    )
+def _read_folder(root: Path, report: IngestReport) -> list[Document]:
+    if not root.exists():
+        raise RagAppError(f"no such file or folder: {root}")
+    files = discover(root)
+    if not files:
+        kinds = ", ".join(sorted(PARSERS))
+        raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
+    documents: list[Document] = []
+    for file, result in load_documents(files, root):
+        if isinstance(result, UnreadableFile):
+            report.skipped.append((str(file), str(result)))
+        else:
+            documents.append(result)
+    if not documents:
+        path, reason = report.skipped[0]
+        raise RagAppError(
+            f"none of the {len(files)} files in {root} could be read: {path}: {reason}"
+        )
+    return documents
 
 
 def ingest_path(
@@ -69,62 +170,80 @@ def ingest_path(
     *,
     embed_model: BaseEmbedding | None = None,
     vector_store: MilvusVectorStore | None = None,
+    delete_missing: bool = True,
     progress: bool | None = None,
 ) -> IngestReport:
-    """Ingest a file or a folder (recursively) into the configured collection.
+    """Sync a folder (read recursively) or a single file into the configured collection.
 
-    Unreadable files are skipped and listed in the report; a path with nothing
+    Documents that vanished from a folder are deleted unless ``delete_missing`` is
+    false; a single file never deletes others. Unreadable files are skipped, listed in
+    the report and keep whatever the collection held for them. A path with nothing
     readable raises :class:`RagAppError`. ``progress=None`` shows a bar on a terminal.
     """
     started = time.perf_counter()
     root = Path(path).expanduser()
-    if not root.exists():
-        raise RagAppError(f"no such file or folder: {root}")
-    files = discover(root)
-    if not files:
-        kinds = ", ".join(sorted(PARSERS))
-        raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
-
     report = IngestReport()
-    documents: list[Document] = []
-    for file, result in load_documents(files, root):
-        if isinstance(result, UnreadableFile):
-            report.skipped.append((str(file), str(result)))
-        else:
-            documents.append(result)
-    if not documents:
-        first = report.skipped[0]
-        raise RagAppError(
-            f"none of the {len(files)} files in {root} could be read: {first[0]}: {first[1]}"
-        )
+    documents = _read_folder(root, report)
 
-    nodes = chunk_documents(cfg, documents)
     embed_model = embed_model or build_embed_model(cfg)
     store = vector_store or build_vector_store(cfg, embed_model)
+    stored = _stored_documents(store)
 
+    pending: list[Document] = []
+    hashes: dict[str, str] = {}
+    for document in documents:
+        hashes[document.doc_id] = doc_hash = fingerprint(cfg, document)
+        previous = stored.get(document.doc_id)
+        if previous is not None and previous.is_complete(doc_hash):
+            report.unchanged += 1
+            continue
+        pending.append(document)
+        if previous is None:
+            report.added += 1
+        else:
+            report.updated += 1
+
+    nodes = chunk_documents(cfg, pending)
+    remaining = Counter(node.ref_doc_id for node in nodes)
+    for node in nodes:
+        doc_id = node.ref_doc_id or ""
+        node.metadata.update({HASH_KEY: hashes[doc_id], CHUNKS_KEY: remaining[doc_id]})
+        node.excluded_embed_metadata_keys += list(_BOOKKEEPING)
+        node.excluded_llm_metadata_keys += list(_BOOKKEEPING)
+
+    log.info(
+        "%d documents to write (%d new, %d changed), %d unchanged; %d chunks to embed",
+        len(pending), report.added, report.updated, report.unchanged, len(nodes),
+    )  # fmt: skip
     batch_size = max(cfg.embedding.batch_size, 1) * 4
-    with tqdm(
-        total=len(nodes),
-        unit="chunk",
-        desc="embedding",
-        disable=None if progress is None else not progress,
-    ) as bar:
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    last_log = 0.0
+    with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
         for batch in _batches(nodes, batch_size):
             texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
-            for node, vector in zip(
-                batch, embed_model.get_text_embedding_batch(texts), strict=True
-            ):
+            vectors = embed_model.get_text_embedding_batch(texts)
+            for node, vector in zip(batch, vectors, strict=True):
                 node.embedding = vector
             store.add(list(batch))
+            for node in batch:
+                doc_id = node.ref_doc_id or ""
+                remaining[doc_id] -= 1
+                if remaining[doc_id] == 0:  # the new version is whole: drop the old one
+                    _delete_other_versions(store, doc_id, hashes[doc_id])
+            report.chunks += len(batch)
             bar.update(len(batch))
+            if not show_bar and time.perf_counter() - last_log >= LOG_EVERY_SECONDS:
+                last_log = time.perf_counter()
+                rate = report.chunks / (last_log - started)
+                log.info("embedded %d/%d chunks (%.1f chunks/s)", report.chunks, len(nodes), rate)
 
-    kept: dict[str, list[str]] = {}
-    for node in nodes:
-        kept.setdefault(node.ref_doc_id or "", []).append(node.node_id)
-    for doc_id, ids in kept.items():
-        _delete_stale_chunks(store, doc_id, ids)
+    if delete_missing and root.is_dir():
+        readable_or_skipped = set(hashes) | {
+            Path(p).relative_to(root).as_posix() for p, _ in report.skipped
+        }
+        gone = sorted(doc_id for doc_id in stored if doc_id not in readable_or_skipped)
+        _delete_documents(store, gone)
+        report.deleted = len(gone)
 
-    report.documents = len(documents)
-    report.chunks = len(nodes)
     report.seconds = time.perf_counter() - started
     return report
