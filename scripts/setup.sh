@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-QUESTION=${QUESTION:-"How do I point rag_app at a Milvus server instead of Milvus Lite?"}
+QUESTION=${QUESTION:-"What chunk size does rag_app use by default?"}
 step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
 
