@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rag_app.errors import RagAppError
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("path", help="file or folder (read recursively)")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
     ingest.add_argument(
+        "--log-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="without a terminal, log progress this often (default 10)",
+    )
+    ingest.add_argument(
         "--no-delete",
         action="store_true",
         help="keep documents that are no longer in the folder (default: delete them)",
@@ -51,7 +59,32 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument(
         "--stream", action="store_true", help="print tokens as they arrive (llm.mode = server)"
     )
+
+    evaluate = commands.add_parser(
+        "eval", parents=[common], help="score retrieval against a QA file (JSON lines)"
+    )
+    evaluate.add_argument("qa", metavar="QA.jsonl", help='lines of {"question", "sources"}')
+    evaluate.add_argument("-k", type=int, default=5, help="documents ranked per question")
+    evaluate.add_argument("--out", metavar="FILE", help="write the scores as JSON here")
     return parser
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rag_app.config import load_config
+    from rag_app.pipelines.evaluate import CHUNKS_PER_DOCUMENT, evaluate_retrieval, load_qa
+    from rag_app.pipelines.query import build_index
+
+    if args.k < 1:
+        raise RagAppError(f"-k must be at least 1, got {args.k}")
+    items = load_qa(args.qa)
+    cfg = load_config(getattr(args, "config", None))
+    retriever = build_index(cfg).as_retriever(similarity_top_k=CHUNKS_PER_DOCUMENT * args.k)
+    scores = evaluate_retrieval(items, retriever.retrieve, k=args.k)
+    print(f"{'retrieval':<12}{scores.row()}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(scores.to_json(), indent=2) + "\n")
+        print(f"scores written to {args.out}")
+    return 0
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -63,6 +96,7 @@ def _ingest(args: argparse.Namespace) -> int:
         cfg,
         args.path,
         delete_missing=not args.no_delete,
+        log_every=args.log_every,
         progress=False if args.no_progress else None,
     )
     for path, reason in report.skipped:
@@ -130,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("rag_app").setLevel(logging.INFO)
     try:
-        return {"ingest": _ingest, "query": _query}[args.command](args)
+        return {"ingest": _ingest, "query": _query, "eval": _eval}[args.command](args)
     except RagAppError as exc:
         print(f"rag-app: error: {exc}", file=sys.stderr)
         return 2

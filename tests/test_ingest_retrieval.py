@@ -55,6 +55,26 @@ def test_query_instruction_goes_on_queries_only(small_cfg):
     assert model.get_text_embedding(question) != pytest.approx(with_prefix, abs=1e-3)
 
 
+def test_bf16_embeddings_are_unit_vectors_pointing_where_fp32_ones_do(small_cfg, embed_model):
+    from rag_app import build_embed_model
+
+    assert small_cfg.embedding.precision == "bf16"
+    fp32 = build_embed_model(
+        small_cfg.model_copy(
+            update={"embedding": small_cfg.embedding.model_copy(update={"precision": "fp32"})}
+        )
+    )
+    texts = ["HNSW builds a graph of vectors.", "Partitions split a collection.", HNSW_QUESTION]
+    for low, full in zip(
+        embed_model.get_text_embedding_batch(texts),
+        fp32.get_text_embedding_batch(texts),
+        strict=True,
+    ):
+        assert math.isclose(math.sqrt(sum(x * x for x in low)), 1.0, abs_tol=1e-3)
+        assert sum(a * b for a, b in zip(low, full, strict=True)) > 0.99
+    assert next(fp32._model.parameters()).dtype != next(embed_model._model.parameters()).dtype
+
+
 def test_collection_records_its_embedding_model(ingested):
     _, store = ingested
     info = store.client.describe_collection(store.collection_name)
@@ -98,7 +118,7 @@ def test_html_is_reduced_to_its_text(small_cfg, embed_model, tmp_path):
     assert (row["title"], row["doc_type"]) == ("Tuning", "html")
 
 
-def test_unreadable_files_are_skipped_and_reported(small_cfg, embed_model, tmp_path):
+def test_unreadable_and_oversized_files_are_skipped_and_reported(small_cfg, embed_model, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "good.md").write_text("# Good\nA readable page about partitions.")
@@ -106,15 +126,18 @@ def test_unreadable_files_are_skipped_and_reported(small_cfg, embed_model, tmp_p
     (docs / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
     (docs / "empty.md").write_text("")
     (docs / "latin1.txt").write_bytes("Café crème, déjà vu.".encode("latin-1"))
+    (docs / "huge.log.txt").write_bytes(b"a line of a very long server log\n" * 640_000)  # 20 MB
     store = build_vector_store(small_cfg, embed_model)
     report = ingest_path(small_cfg, docs, embed_model=embed_model, vector_store=store)
     skipped = {Path(path).name: reason for path, reason in report.skipped}
-    assert set(skipped) == {"blob.txt", "broken.pdf", "empty.md"}
+    assert set(skipped) == {"blob.txt", "broken.pdf", "empty.md", "huge.log.txt"}
     assert "binary" in skipped["blob.txt"] and "PDF" in skipped["broken.pdf"]
+    assert "no text" in skipped["empty.md"]
+    assert skipped["huge.log.txt"] == "20.1 MB, over ingestion.max_file_mb = 10"
     assert report.documents == 2
     assert {r["doc_id"] for r in rows(store)} == {"good.md", "latin1.txt"}
-    assert "Café" in rows(store, 'doc_id == "latin1.txt"')[0]["text"]
-    assert "skipped 3" in report.summary()
+    assert "Café crème, déjà vu." in rows(store, 'doc_id == "latin1.txt"')[0]["text"]
+    assert "skipped 4" in report.summary()
 
 
 def test_an_empty_folder_is_a_one_line_error(small_cfg, embed_model, tmp_path):
@@ -190,6 +213,7 @@ def test_cli_ingest_prints_a_summary_and_errors_in_one_line(tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+    assert "Traceback" not in ok.stderr and "Method not implemented" not in ok.stderr
     assert ok.stdout.strip().startswith(
         "ingested 1 documents: 1 added, 0 updated, 0 unchanged, 0 deleted; 1 chunks written in "
     )

@@ -112,3 +112,17 @@ def test_unreadable_files_raise_with_a_reason(tmp_path, name, content, reason):
     path.write_bytes(content)
     with pytest.raises(UnreadableFile, match=reason):
         load_document(path, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("Le café crème est servi à la terrasse. Déjà vu, dit-il.", "latin-1"),
+        ("Die Größe des Indexes hängt von der Anzahl der Vektoren ab.", "cp1252"),
+        ("Привет, как дела? Это тест кодировки для индекса.", "cp1251"),
+    ],
+)
+def test_legacy_encodings_are_decoded_to_the_right_characters(tmp_path, text, encoding):
+    path = tmp_path / "legacy.txt"
+    path.write_bytes(text.encode(encoding))
+    assert load_document(path, tmp_path).text == text

@@ -1,49 +1,156 @@
-"""Chunking: LlamaIndex's ``SentenceSplitter`` measured in characters, like the recipe.
+"""Chunking: LlamaIndex's ``SentenceSplitter``, sized in characters (default) or tokens.
 
 The recipe's ``RecursiveCharacterTextSplitter(512, 51)`` splits on paragraphs, then
 sentences, then words, keeping chunks under 512 characters with 51 of overlap;
 ``SentenceSplitter`` does the same recursion when its "tokenizer" counts characters.
 Chunk ids are ``<document id>#<n>``: stable, so a re-ingest replaces rows in place.
+No chunk is longer than the embedding model reads: longer ones are split further, with a
+warning, instead of being truncated silently by the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import logging
+import re
+from collections.abc import Callable, Sequence
 
 from llama_index.core import Document
 from llama_index.core.node_parser import SentenceSplitter
-from llama_index.core.schema import BaseNode
+from llama_index.core.schema import BaseNode, TextNode
 
 from rag_app.config import RagConfig
+from rag_app.errors import RagAppError
+
+log = logging.getLogger(__name__)
+TokenCounter = tuple[Callable[[str], int], int]
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ #]*$", re.MULTILINE)
+_FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
 def _chunk_id(index: int, document: BaseNode) -> str:
     return f"{document.node_id}#{index}"
 
 
-def build_splitter(cfg: RagConfig) -> SentenceSplitter:
+def build_splitter(cfg: RagConfig, tokens: TokenCounter | None = None) -> SentenceSplitter:
+    """The configured splitter; ``tokens`` (the embedding model's) is needed for 'token'."""
+    if cfg.chunking.splitter == "token":
+        if tokens is None:
+            raise RagAppError(
+                "chunking.splitter = 'token' needs an embedding model with a tokenizer "
+                "(use chunking.splitter = 'sentence')"
+            )
+        count = tokens[0]
+        tokenizer: Callable[[str], Sequence[object]] = lambda text: range(count(text))  # noqa: E731
+    else:
+        tokenizer = list  # one "token" per character
     return SentenceSplitter(
         chunk_size=cfg.chunking.chunk_size,
         chunk_overlap=cfg.chunking.chunk_overlap,
-        tokenizer=list,  # one "token" per character
+        tokenizer=tokenizer,
         include_metadata=False,  # metadata is not counted against the chunk size
         include_prev_next_rel=False,
         id_func=_chunk_id,
     )
 
 
-def chunk_documents(cfg: RagConfig, documents: Sequence[Document]) -> list[BaseNode]:
-    """Split documents into chunks of at most ``chunk_size`` characters of text.
-
-    Splitting ignores metadata (so the text, not text plus a path, is what is 512
-    characters long); each chunk then carries its document's metadata and the same
-    rules for which keys the embedding model and the LLM see.
-    """
-    nodes = build_splitter(cfg).get_nodes_from_documents(documents)
-    by_id = {doc.doc_id: doc for doc in documents}
+def _fit_to_model(nodes: list[BaseNode], tokens: TokenCounter) -> list[BaseNode]:
+    """Split chunks the embedding model would truncate into pieces it reads whole."""
+    count, limit = tokens
+    fitted: list[BaseNode] = []
+    too_long = 0
     for node in nodes:
-        doc = by_id[node.ref_doc_id or ""]
+        text = node.get_content()
+        n_tokens = count(text)
+        if n_tokens <= limit:
+            fitted.append(node)
+            continue
+        too_long += 1
+        size = max(32, int(len(text) * limit / n_tokens * 0.9))
+        pieces = SentenceSplitter(chunk_size=size, chunk_overlap=0, tokenizer=list).split_text(text)
+        start = getattr(node, "start_char_idx", None) or 0
+        for piece in pieces:
+            offset = text.find(piece)
+            fitted.append(
+                TextNode(
+                    text=piece,
+                    relationships=dict(node.relationships),
+                    start_char_idx=start + max(offset, 0),
+                    end_char_idx=start + max(offset, 0) + len(piece),
+                )
+            )
+    if too_long:
+        log.warning(
+            "%d chunks were longer than the embedding model's %d tokens and were split "
+            "further (lower chunking.chunk_size to avoid this)",
+            too_long,
+            limit,
+        )
+    return fitted
+
+
+def _sections(document: Document) -> tuple[list[int], list[str]]:
+    """Offsets and titles of a Markdown document's headings (not ``#`` lines in code)."""
+    if document.metadata.get("doc_type") != "markdown":
+        return [], []
+    text = document.text
+    fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
+    matches = [m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fences)]
+    return [m.start() for m in matches], [m.group(1).strip() for m in matches]
+
+
+def _section_of(node: BaseNode, offsets: list[int], titles: list[str]) -> str | None:
+    """The heading of the section holding most of a chunk's text (chunks may span two)."""
+    start = getattr(node, "start_char_idx", None) or 0
+    end = getattr(node, "end_char_idx", None) or start + len(node.get_content())
+    first = bisect.bisect_right(offsets, start) - 1
+    last = bisect.bisect_left(offsets, end) - 1
+    best, best_share = None, 0
+    for at in range(max(first, 0), last + 1):
+        share = min(end, offsets[at + 1] if at + 1 < len(offsets) else end) - max(
+            start, offsets[at]
+        )
+        if share > best_share:
+            best, best_share = titles[at], share
+    return best
+
+
+def chunk_documents(
+    cfg: RagConfig, documents: Sequence[Document], tokens: TokenCounter | None = None
+) -> list[BaseNode]:
+    """Split documents into chunks; each carries its document's metadata and section.
+
+    Splitting ignores metadata (the text, not text plus a path, is what is 512 characters
+    long). ``tokens`` (a counter and the embedding model's limit) guards against chunks
+    the model would truncate.
+    """
+    nodes = build_splitter(cfg, tokens).get_nodes_from_documents(documents)
+    if tokens is not None:
+        nodes = _fit_to_model(nodes, tokens)
+    by_id = {doc.doc_id: doc for doc in documents}
+    sections = {doc.doc_id: _sections(doc) for doc in documents}
+    numbering: dict[str, int] = {}
+    cursor: dict[str, int] = {}
+    for node in nodes:
+        doc_id = node.ref_doc_id or ""
+        doc = by_id[doc_id]
+        node.id_ = f"{doc_id}#{numbering.setdefault(doc_id, 0)}"
+        numbering[doc_id] += 1
+        # Chunks come in document order; searching from the previous chunk's start finds
+        # the right copy of text that a document repeats (the splitter searches from 0).
+        text = node.get_content()
+        at = doc.text.find(text, cursor.get(doc_id, 0))
+        if at >= 0 and isinstance(node, TextNode):
+            node.start_char_idx, node.end_char_idx = at, at + len(text)
+            cursor[doc_id] = at + 1
         node.metadata = dict(doc.metadata)
-        node.excluded_embed_metadata_keys = list(doc.excluded_embed_metadata_keys)
-        node.excluded_llm_metadata_keys = list(doc.excluded_llm_metadata_keys)
+        section = _section_of(node, *sections[doc_id])
+        if section is not None:
+            node.metadata["section"] = section
+        node.excluded_embed_metadata_keys = list(node.metadata)
+        node.excluded_llm_metadata_keys = [
+            key
+            for key in node.metadata
+            if key in doc.excluded_llm_metadata_keys or key == "section"
+        ]
     return nodes

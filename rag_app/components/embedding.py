@@ -1,14 +1,18 @@
 """The embedding model: a LlamaIndex ``HuggingFaceEmbedding`` over sentence-transformers.
 
-Each vector is normalised by its own norm (``normalize=True``), so inner product equals
-cosine similarity; the query instruction (BGE's retrieval prefix) goes on queries only.
+Each vector is normalised by its own norm, in float32 whatever the model's precision, so
+inner product equals cosine similarity; the query instruction (BGE's retrieval prefix)
+goes on queries only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
@@ -25,6 +29,21 @@ def model_identity(model: str) -> str:
     return Path(model.rstrip("/")).name
 
 
+class UnitNormEmbedding(HuggingFaceEmbedding):
+    """``HuggingFaceEmbedding`` whose vectors have unit length in float32, one by one.
+
+    sentence-transformers normalises in the model's dtype: with bf16 weights the norms
+    come out up to 0.5% off 1, and inner product is then no longer cosine similarity.
+    """
+
+    def _embed(
+        self, inputs: list[str | BytesIO], prompt_name: str | None = None
+    ) -> list[list[float]]:
+        vectors = np.asarray(super()._embed(inputs, prompt_name), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.where(norms > 0, norms, 1.0)).tolist()  # type: ignore[no-any-return]
+
+
 def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
     """Load the configured sentence-transformers model (a hub id or a local folder)."""
     settings = cfg.embedding
@@ -33,14 +52,18 @@ def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
             f"embedding model folder not found: {settings.model} "
             "(run `.venv/bin/python scripts/fetch_models.py`, or set embedding.model)"
         )
+    import torch
+
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     try:
-        return HuggingFaceEmbedding(
+        return UnitNormEmbedding(
             model_name=settings.model,
             query_instruction=settings.query_instruction or None,
             text_instruction=settings.text_instruction or None,
             normalize=True,
             embed_batch_size=settings.batch_size,
             device=None if settings.device == "auto" else settings.device,
+            model_kwargs={"dtype": dtype},
         )
     except OSError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -59,3 +82,21 @@ def embedding_dimension(embed_model: BaseEmbedding) -> int:
     )
     dim = getter() if getter else None
     return int(dim) if dim else len(embed_model.get_text_embedding("dimension probe"))
+
+
+def token_counter(embed_model: BaseEmbedding) -> tuple[Callable[[str], int], int] | None:
+    """A function counting the model's tokens in a text, and the most the model reads.
+
+    ``None`` for models that do not expose a tokenizer; text beyond the limit would be
+    silently truncated by the model, so chunking uses this to split such chunks further.
+    """
+    model = getattr(embed_model, "_model", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    limit = getattr(model, "max_seq_length", None)
+    if tokenizer is None or not limit:
+        return None
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
+
+    return count, int(limit)

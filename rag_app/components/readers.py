@@ -40,10 +40,30 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        guess = from_bytes(data).best()
-        if guess is None:
-            raise UnreadableFile("not valid text in any known encoding") from None
-        return str(guess)
+        pass
+    western = _as_western(data)
+    if western is not None:
+        return western
+    guess = from_bytes(data).best()
+    if guess is None:
+        raise UnreadableFile("not valid text in any known encoding")
+    return str(guess)
+
+
+def _as_western(data: bytes) -> str | None:
+    """The text as Windows-1252 (a superset of Latin-1), if it reads as a Western language.
+
+    charset-normalizer often takes short French or German text for a Baltic or Central
+    European code page (è becomes č). Western text has a few accented letters among plain
+    ones; Cyrillic or Greek bytes read as Windows-1252 are accented letters almost only.
+    """
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+    letters = [char for char in text if char.isalpha()]
+    accented = sum(1 for char in letters if ord(char) > 127)
+    return text if letters and accented / len(letters) < 0.3 else None
 
 
 def _first_heading(text: str) -> str | None:

@@ -7,6 +7,9 @@ silently mixing incomparable vectors.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +84,19 @@ def build_vector_store(
                 )
         else:
             dim = embedding_dimension(embed_model or build_embed_model(cfg))
-        store = MilvusVectorStore(
-            uri=settings.uri,
-            token=settings.token.get_secret_value(),
-            collection_name=settings.collection,
-            dim=dim,
-            embedding_field=EMBEDDING_FIELD,
-            similarity_metric="IP",
-            consistency_level=settings.consistency_level,
-            upsert_mode=True,
-            overwrite=False,
-            collection_properties=None if exists else {MODEL_PROPERTY: identity},
-        )
+        with quiet_lite_timestamps():
+            store = MilvusVectorStore(
+                uri=settings.uri,
+                token=settings.token.get_secret_value(),
+                collection_name=settings.collection,
+                dim=dim,
+                embedding_field=EMBEDDING_FIELD,
+                similarity_metric="IP",
+                consistency_level=settings.consistency_level,
+                upsert_mode=True,
+                overwrite=False,
+                collection_properties=None if exists else {MODEL_PROPERTY: identity},
+            )
         store.client.load_collection(settings.collection)
     except MilvusException as exc:
         raise RagAppError(f"Milvus at {settings.uri} refused the request: {exc.message}") from None
@@ -107,3 +111,23 @@ def build_storage_context(
 ) -> StorageContext:
     """A ``StorageContext`` whose vector store is the configured Milvus collection."""
     return StorageContext.from_defaults(vector_store=build_vector_store(cfg, embed_model))
+
+
+@contextmanager
+def quiet_lite_timestamps() -> Iterator[None]:
+    """Silence Milvus Lite's noise around index creation and ``query_iterator``.
+
+    Lite lacks the timestamp call pymilvus makes when it waits for an index or starts an
+    iterator: Lite's in-process gRPC server logs a traceback and pymilvus a warning, then
+    pymilvus falls back to a client-side timestamp, which is correct. Neither belongs on a
+    user's terminal.
+    """
+    loggers = [logging.getLogger("grpc._server"), logging.getLogger("pymilvus.orm.iterator")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

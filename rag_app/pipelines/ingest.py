@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,9 +32,9 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from tqdm import tqdm
 
 from rag_app.components.chunking import chunk_documents
-from rag_app.components.embedding import build_embed_model, model_identity
+from rag_app.components.embedding import build_embed_model, model_identity, token_counter
 from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
-from rag_app.components.vector_store import build_vector_store
+from rag_app.components.vector_store import build_vector_store, quiet_lite_timestamps
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
@@ -87,6 +89,8 @@ class _StoredDocument:
 def fingerprint(cfg: RagConfig, document: Document) -> str:
     """Changes whenever the chunks or their vectors would: text, title, settings, model."""
     settings = (
+        cfg.chunking.splitter,
+        cfg.embedding.precision,
         cfg.chunking.chunk_size,
         cfg.chunking.chunk_overlap,
         model_identity(cfg.embedding.model),
@@ -100,33 +104,33 @@ def fingerprint(cfg: RagConfig, document: Document) -> str:
 def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
     """What the collection holds, per document: fingerprints of its rows, chunks expected."""
     stored: dict[str, _StoredDocument] = {}
-    iterator = store.client.query_iterator(
-        store.collection_name,
-        batch_size=2000,
-        filter='id != ""',
-        output_fields=[store.doc_id_field, HASH_KEY, CHUNKS_KEY],
-    )
-    try:
-        while rows := iterator.next():
-            for row in rows:
-                doc = stored.setdefault(row.get(store.doc_id_field) or "", _StoredDocument())
-                doc.hashes[row.get(HASH_KEY) or ""] += 1
-                doc.expected = int(row.get(CHUNKS_KEY) or 0)
-    finally:
-        iterator.close()
+    with quiet_lite_timestamps():
+        iterator = store.client.query_iterator(
+            store.collection_name,
+            batch_size=2000,
+            filter='id != ""',
+            output_fields=[store.doc_id_field, HASH_KEY, CHUNKS_KEY],
+        )
+        try:
+            while rows := iterator.next():
+                for row in rows:
+                    doc = stored.setdefault(row.get(store.doc_id_field) or "", _StoredDocument())
+                    doc.hashes[row.get(HASH_KEY) or ""] += 1
+                    doc.expected = int(row.get(CHUNKS_KEY) or 0)
+        finally:
+            iterator.close()
     return stored
 
 
 def _delete_other_versions(store: MilvusVectorStore, doc_id: str, doc_hash: str) -> None:
     """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too)."""
-    rows = store.client.query(
-        store.collection_name,
-        filter=f"{store.doc_id_field} == {json.dumps(doc_id)}",
-        output_fields=[HASH_KEY],
+    store.client.delete(
+        collection_name=store.collection_name,
+        filter=(
+            f"{store.doc_id_field} == {json.dumps(doc_id)} and "
+            f"({HASH_KEY} != {json.dumps(doc_hash)} or {HASH_KEY} is null)"
+        ),
     )
-    stale = [row["id"] for row in rows if row.get(HASH_KEY) != doc_hash]
-    if stale:
-        store.client.delete(collection_name=store.collection_name, ids=stale)
 
 
 def _delete_documents(store: MilvusVectorStore, doc_ids: Sequence[str]) -> None:
@@ -138,12 +142,63 @@ def _delete_documents(store: MilvusVectorStore, doc_ids: Sequence[str]) -> None:
         )
 
 
-def _batches(nodes: Sequence[BaseNode], size: int) -> Iterator[Sequence[BaseNode]]:
-    for start in range(0, len(nodes), size):
-        yield nodes[start : start + size]
+def _write_units(nodes: Sequence[BaseNode], size: int) -> Iterator[list[BaseNode]]:
+    """Whole documents' chunks, gathered until at least ``size`` chunks: one write each."""
+    unit: list[BaseNode] = []
+    for index, node in enumerate(nodes):
+        unit.append(node)
+        next_doc = nodes[index + 1].ref_doc_id if index + 1 < len(nodes) else None
+        if len(unit) >= size and next_doc != node.ref_doc_id:
+            yield unit
+            unit = []
+    if unit:
+        yield unit
 
 
-def _read_folder(root: Path, report: IngestReport) -> list[Document]:
+class _Writer:
+    """Writes embedded units to Milvus on a thread of its own, so embedding never waits.
+
+    For each unit: one upsert of all its chunks, then, per document, deletion of its rows
+    of other versions. A reader sees a mix of versions of a document only during that.
+    """
+
+    def __init__(self, store: MilvusVectorStore, hashes: dict[str, str], new: set[str]) -> None:
+        self._store, self._hashes, self._new = store, hashes, new
+        self._queue: queue.Queue[list[BaseNode] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self.documents_written = 0
+        self._thread = threading.Thread(target=self._run, name="milvus-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (unit := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                self._store.add(unit)
+                for doc_id in dict.fromkeys(node.ref_doc_id or "" for node in unit):
+                    if doc_id not in self._new:  # a new document has no other rows
+                        _delete_other_versions(self._store, doc_id, self._hashes[doc_id])
+                    self.documents_written += 1
+            except BaseException as exc:  # re-raised in the ingesting thread
+                self._error = exc
+
+    def put(self, unit: list[BaseNode]) -> None:
+        self._raise_if_failed()
+        self._queue.put(unit)
+
+    def close(self) -> None:
+        """Wait for the queued writes and re-raise a write error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _read_folder(root: Path, report: IngestReport, max_bytes: float) -> list[Document]:
     if not root.exists():
         raise RagAppError(f"no such file or folder: {root}")
     files = discover(root)
@@ -151,6 +206,13 @@ def _read_folder(root: Path, report: IngestReport) -> list[Document]:
         kinds = ", ".join(sorted(PARSERS))
         raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
     documents: list[Document] = []
+    too_big = [f for f in files if f.stat().st_size > max_bytes]
+    for file in too_big:
+        size = file.stat().st_size / 2**20
+        limit = max_bytes / 2**20
+        reason = f"{size:.1f} MB, over ingestion.max_file_mb = {limit:g}"
+        report.skipped.append((str(file), reason))
+    files = [f for f in files if f not in too_big]
     for file, result in load_documents(files, root):
         if isinstance(result, UnreadableFile):
             report.skipped.append((str(file), str(result)))
@@ -172,18 +234,20 @@ def ingest_path(
     vector_store: MilvusVectorStore | None = None,
     delete_missing: bool = True,
     progress: bool | None = None,
+    log_every: float = LOG_EVERY_SECONDS,
 ) -> IngestReport:
     """Sync a folder (read recursively) or a single file into the configured collection.
 
     Documents that vanished from a folder are deleted unless ``delete_missing`` is
     false; a single file never deletes others. Unreadable files are skipped, listed in
     the report and keep whatever the collection held for them. A path with nothing
-    readable raises :class:`RagAppError`. ``progress=None`` shows a bar on a terminal.
+    readable raises :class:`RagAppError`. ``progress=None`` shows a bar on a terminal;
+    without one, a log line reports progress every ``log_every`` seconds.
     """
     started = time.perf_counter()
     root = Path(path).expanduser()
     report = IngestReport()
-    documents = _read_folder(root, report)
+    documents = _read_folder(root, report, cfg.ingestion.max_file_mb * 2**20)
 
     embed_model = embed_model or build_embed_model(cfg)
     store = vector_store or build_vector_store(cfg, embed_model)
@@ -191,6 +255,7 @@ def ingest_path(
 
     pending: list[Document] = []
     hashes: dict[str, str] = {}
+    new: set[str] = set()
     for document in documents:
         hashes[document.doc_id] = doc_hash = fingerprint(cfg, document)
         previous = stored.get(document.doc_id)
@@ -200,10 +265,11 @@ def ingest_path(
         pending.append(document)
         if previous is None:
             report.added += 1
+            new.add(document.doc_id)
         else:
             report.updated += 1
 
-    nodes = chunk_documents(cfg, pending)
+    nodes = chunk_documents(cfg, pending, token_counter(embed_model))
     remaining = Counter(node.ref_doc_id for node in nodes)
     for node in nodes:
         doc_id = node.ref_doc_id or ""
@@ -215,27 +281,34 @@ def ingest_path(
         "%d documents to write (%d new, %d changed), %d unchanged; %d chunks to embed",
         len(pending), report.added, report.updated, report.unchanged, len(nodes),
     )  # fmt: skip
-    batch_size = max(cfg.embedding.batch_size, 1) * 4
+    batch_size = max(cfg.embedding.batch_size, 1)
     show_bar = sys.stderr.isatty() if progress is None else progress
     last_log = 0.0
-    with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
-        for batch in _batches(nodes, batch_size):
-            texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
-            vectors = embed_model.get_text_embedding_batch(texts)
-            for node, vector in zip(batch, vectors, strict=True):
-                node.embedding = vector
-            store.add(list(batch))
-            for node in batch:
-                doc_id = node.ref_doc_id or ""
-                remaining[doc_id] -= 1
-                if remaining[doc_id] == 0:  # the new version is whole: drop the old one
-                    _delete_other_versions(store, doc_id, hashes[doc_id])
-            report.chunks += len(batch)
-            bar.update(len(batch))
-            if not show_bar and time.perf_counter() - last_log >= LOG_EVERY_SECONDS:
-                last_log = time.perf_counter()
-                rate = report.chunks / (last_log - started)
-                log.info("embedded %d/%d chunks (%.1f chunks/s)", report.chunks, len(nodes), rate)
+    writer = _Writer(store, hashes, new)
+    try:
+        with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
+            for unit in _write_units(nodes, batch_size * 4):
+                # Similar lengths in a batch waste less compute on padding.
+                by_length = sorted(unit, key=lambda node: len(node.get_content()))
+                for start in range(0, len(by_length), batch_size):
+                    batch = by_length[start : start + batch_size]
+                    texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
+                    vectors = embed_model.get_text_embedding_batch(texts)
+                    for node, vector in zip(batch, vectors, strict=True):
+                        node.embedding = vector
+                    report.chunks += len(batch)
+                    bar.update(len(batch))
+                writer.put(unit)
+                bar.set_postfix(documents=f"{writer.documents_written}/{len(pending)}")
+                if not show_bar and time.perf_counter() - last_log >= log_every:
+                    last_log = time.perf_counter()
+                    log.info(
+                        "embedded %d/%d chunks (%.1f chunks/s), %d/%d documents written",
+                        report.chunks, len(nodes), report.chunks / (last_log - started),
+                        writer.documents_written, len(pending),
+                    )  # fmt: skip
+    finally:
+        writer.close()
 
     if delete_missing and root.is_dir():
         readable_or_skipped = set(hashes) | {
