@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     query = commands.add_parser("query", parents=[common], help="answer a question with sources")
     query.add_argument("question")
     query.add_argument("--top-k", type=int, metavar="N", help="chunks to retrieve")
+    query.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only chunks whose metadata matches (repeatable; VALUE* matches a prefix), "
+        "e.g. --filter source=reference/* --filter doc_type=markdown",
+    )
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument(
         "--stream", action="store_true", help="print tokens as they arrive (llm.mode = server)"
@@ -66,10 +74,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("qa", metavar="QA.jsonl", help='lines of {"question", "sources"}')
     evaluate.add_argument("-k", type=int, default=5, help="documents ranked per question")
     evaluate.add_argument("--out", metavar="FILE", help="write the scores as JSON here")
+    evaluate.add_argument(
+        "--mode", choices=["dense", "hybrid", "sparse"], help="override retrieval.mode"
+    )
     return parser
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from rag_app.components.retrieval import build_retriever
     from rag_app.config import load_config
     from rag_app.pipelines.evaluate import CHUNKS_PER_DOCUMENT, evaluate_retrieval, load_qa
     from rag_app.pipelines.query import build_index
@@ -77,10 +89,11 @@ def _eval(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise RagAppError(f"-k must be at least 1, got {args.k}")
     items = load_qa(args.qa)
-    cfg = load_config(getattr(args, "config", None))
-    retriever = build_index(cfg).as_retriever(similarity_top_k=CHUNKS_PER_DOCUMENT * args.k)
+    overrides = {"retrieval__mode": args.mode} if args.mode else {}
+    cfg = load_config(getattr(args, "config", None), **overrides)
+    retriever = build_retriever(cfg, build_index(cfg), top_k=CHUNKS_PER_DOCUMENT * args.k)
     scores = evaluate_retrieval(items, retriever.retrieve, k=args.k)
-    print(f"{'retrieval':<12}{scores.row()}")
+    print(f"{cfg.retrieval.mode:<12}{scores.row()}")
     if args.out:
         Path(args.out).write_text(json.dumps(scores.to_json(), indent=2) + "\n")
         print(f"scores written to {args.out}")
@@ -121,17 +134,21 @@ def _sources(response: Any) -> list[dict[str, Any]]:
 
 def _query(args: argparse.Namespace) -> int:
     from rag_app.components.llm import build_llm
+    from rag_app.components.retrieval import parse_filters
     from rag_app.config import load_config
     from rag_app.pipelines.query import build_query_engine
 
     cfg = load_config(getattr(args, "config", None))
+    filters = parse_filters(args.filter)
     if args.top_k is not None and args.top_k < 1:
         raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
     if args.stream and cfg.llm.mode != "server":
         raise RagAppError("--stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)")
     llm = build_llm(cfg)
     try:
-        engine = build_query_engine(cfg, llm=llm, top_k=args.top_k, streaming=args.stream)
+        engine = build_query_engine(
+            cfg, llm=llm, top_k=args.top_k, filters=filters, streaming=args.stream
+        )
         response = engine.query(args.question)
         if args.stream:
             parts = []

@@ -35,6 +35,9 @@ class MilvusSettings(_Section):
     token: SecretStr = SecretStr("")
     collection: str = Field("rag_docs", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
     consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Session"
+    # New collections get a BM25 sparse field computed by Milvus from the chunk text, so
+    # retrieval.mode can be switched to "hybrid" or "sparse" without re-ingesting.
+    bm25: bool = True
 
     @property
     def is_lite(self) -> bool:
@@ -77,6 +80,29 @@ class IngestionSettings(_Section):
 
 class RetrievalSettings(_Section):
     top_k: int = Field(3, ge=1, le=100)
+    # dense: vectors only; sparse: Milvus BM25 full-text only; hybrid: both, fused.
+    # hybrid + weighted measured best on eval/dev.jsonl (scripts/bench_retrieval.py).
+    mode: Literal["dense", "hybrid", "sparse"] = "hybrid"
+    fusion: Literal["rrf", "weighted"] = "weighted"
+    rrf_k: int = Field(60, ge=1, le=16384)
+    dense_weight: float = Field(0.5, ge=0.0, le=1.0, description="weighted fusion only")
+    # Chunks fetched before de-duplication and reranking cut them to top_k.
+    candidates: int = Field(20, ge=1, le=1000)
+    similarity_cutoff: float | None = Field(None, ge=-1.0, le=1.0)
+    mmr: bool = False
+    mmr_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # Merge retrieved chunks that overlap (neighbours in one document) into one.
+    dedupe: bool = True
+    rerank: Literal["none", "cross-encoder"] = "none"
+    rerank_model: str = "BAAI/bge-reranker-base"
+
+    @model_validator(mode="after")
+    def _dense_only_options(self) -> RetrievalSettings:
+        if self.mode != "dense" and (self.mmr or self.similarity_cutoff is not None):
+            raise ValueError(
+                "mmr and similarity_cutoff work on cosine scores: use them with mode = 'dense'"
+            )
+        return self
 
 
 class LLMSettings(_Section):

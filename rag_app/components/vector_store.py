@@ -15,7 +15,10 @@ from typing import Any
 
 from llama_index.core import StorageContext
 from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode
+from llama_index.core.vector_stores.types import VectorStoreQuery
 from llama_index.vector_stores.milvus import MilvusVectorStore
+from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pymilvus import MilvusClient, MilvusException
 
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
@@ -24,6 +27,35 @@ from rag_app.errors import RagAppError
 
 MODEL_PROPERTY = "rag_app.embedding_model"
 EMBEDDING_FIELD = "embedding"
+SPARSE_FIELD = "sparse_embedding"
+
+
+class RagMilvusVectorStore(MilvusVectorStore):
+    """``MilvusVectorStore`` whose BM25-only search runs on Milvus Lite too.
+
+    The base class searches the sparse field with ``drop_ratio_search = 0.2``, which Milvus
+    Lite refuses ("only drop_ratio_search=0 is supported"); 0 (drop nothing, exact BM25)
+    works on Lite and on servers. Lite also reports BM25 scores negated (best first, but
+    -3.1 before -1.5); scores are returned as BM25 defines them, positive.
+    """
+
+    def _sparse_search(
+        self, query: VectorStoreQuery, string_expr: str, output_fields: list[str], **kwargs: Any
+    ) -> tuple[list[BaseNode], list[float], list[str]]:
+        if not isinstance(self.sparse_embedding_function, BM25BuiltInFunction):
+            return super()._sparse_search(query, string_expr, output_fields, **kwargs)  # type: ignore[no-any-return]
+        res = self.client.search(
+            collection_name=self.collection_name,
+            data=[query.query_str],
+            anns_field=self.sparse_embedding_field,
+            limit=query.similarity_top_k,
+            filter=string_expr,
+            output_fields=output_fields,
+            search_params={"params": {"drop_ratio_search": 0.0}},
+            partition_names=kwargs.get("milvus_partition_names"),
+        )
+        nodes, scores, ids = self._parse_from_milvus_results(res)
+        return nodes, [abs(score) for score in scores], ids
 
 
 def _connect(cfg: RagConfig) -> MilvusClient:
@@ -39,18 +71,20 @@ def _connect(cfg: RagConfig) -> MilvusClient:
         ) from None
 
 
-def _collection_facts(client: MilvusClient, name: str) -> tuple[int | None, str | None]:
-    """The dense vector dimension and the embedding model recorded for a collection."""
+def _collection_facts(client: MilvusClient, name: str) -> tuple[int | None, str | None, bool]:
+    """The dense vector dimension, the embedding model recorded, and whether it has BM25."""
     info: dict[str, Any] = client.describe_collection(name)
+    fields = info.get("fields", [])
     dim = next(
         (
             int(field["params"]["dim"])
-            for field in info.get("fields", [])
+            for field in fields
             if field.get("name") == EMBEDDING_FIELD and "dim" in field.get("params", {})
         ),
         None,
     )
-    return dim, info.get("properties", {}).get(MODEL_PROPERTY)
+    has_bm25 = any(field.get("name") == SPARSE_FIELD for field in fields)
+    return dim, info.get("properties", {}).get(MODEL_PROPERTY), has_bm25
 
 
 def build_vector_store(
@@ -69,7 +103,7 @@ def build_vector_store(
     try:
         exists = client.has_collection(settings.collection)
         if exists:
-            dim, stored = _collection_facts(client, settings.collection)
+            dim, stored, bm25 = _collection_facts(client, settings.collection)
             if stored and stored != identity:
                 raise RagAppError(
                     f"collection {settings.collection!r} at {settings.uri} was embedded with "
@@ -84,8 +118,10 @@ def build_vector_store(
                 )
         else:
             dim = embedding_dimension(embed_model or build_embed_model(cfg))
+            bm25 = settings.bm25
+        ranker, ranker_params = _hybrid_ranker(cfg)
         with quiet_lite_timestamps():
-            store = MilvusVectorStore(
+            store = RagMilvusVectorStore(  # type: ignore[call-arg]  # pydantic plugin vs. base __init__
                 uri=settings.uri,
                 token=settings.token.get_secret_value(),
                 collection_name=settings.collection,
@@ -96,6 +132,15 @@ def build_vector_store(
                 upsert_mode=True,
                 overwrite=False,
                 collection_properties=None if exists else {MODEL_PROPERTY: identity},
+                enable_sparse=bm25,
+                sparse_embedding_field=SPARSE_FIELD,
+                sparse_embedding_function=(
+                    BM25BuiltInFunction(input_field_names="text", output_field_names=SPARSE_FIELD)
+                    if bm25
+                    else None
+                ),
+                hybrid_ranker=ranker,
+                hybrid_ranker_params=ranker_params,
             )
         store.client.load_collection(settings.collection)
     except MilvusException as exc:
@@ -104,6 +149,14 @@ def build_vector_store(
         if hasattr(client, "close"):
             client.close()
     return store
+
+
+def _hybrid_ranker(cfg: RagConfig) -> tuple[str, dict[str, Any]]:
+    """How Milvus fuses dense and BM25 results in hybrid mode."""
+    settings = cfg.retrieval
+    if settings.fusion == "weighted":
+        return "WeightedRanker", {"weights": [settings.dense_weight, 1 - settings.dense_weight]}
+    return "RRFRanker", {"k": settings.rrf_k}
 
 
 def build_storage_context(

@@ -13,10 +13,12 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import CompactAndRefine
 from llama_index.core.response_synthesizers.base import QueryTextType
 from llama_index.core.schema import NodeWithScore
+from llama_index.core.vector_stores.types import MetadataFilters
 from llama_index.vector_stores.milvus import MilvusVectorStore
 
 from rag_app.components.embedding import build_embed_model
 from rag_app.components.llm import build_llm
+from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
 from rag_app.prompts import GROUNDED_QA_PROMPT, REFINE_PROMPT
@@ -84,9 +86,14 @@ def build_query_engine(
     index: VectorStoreIndex | None = None,
     llm: LLM | None = None,
     top_k: int | None = None,
+    filters: MetadataFilters | None = None,
     streaming: bool = False,
 ) -> RetrieverQueryEngine:
-    """The grounded query engine: retrieve ``top_k`` chunks, answer from them with sources."""
+    """The grounded query engine: retrieve ``top_k`` chunks, answer from them with sources.
+
+    ``filters`` (e.g. from :func:`rag_app.components.retrieval.parse_filters`) restrict the
+    search in Milvus itself.
+    """
     index = index or build_index(cfg)
     llm = llm or build_llm(cfg)
     synthesizer = GroundedSynthesizer(
@@ -96,6 +103,6 @@ def build_query_engine(
         streaming=streaming,
     )
     return RetrieverQueryEngine(
-        retriever=index.as_retriever(similarity_top_k=top_k or cfg.retrieval.top_k),
+        retriever=build_retriever(cfg, index, top_k=top_k, filters=filters),
         response_synthesizer=synthesizer,
     )

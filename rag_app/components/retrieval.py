@@ -1,0 +1,234 @@
+"""Retrieval: dense, BM25 or hybrid search in Milvus, filters pushed down, then postprocessing.
+
+The retriever is LlamaIndex's own ``VectorIndexRetriever`` over ``MilvusVectorStore``: the
+query mode selects dense search, Milvus's built-in BM25 full-text search, or both fused by
+Milvus (RRF or weighted). Metadata filters become Milvus filter expressions, evaluated in
+Milvus before ranking. The postprocessors (LlamaIndex node postprocessors) merge overlapping
+neighbours of one document, rerank with a cross-encoder, and cut to ``top_k``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core import VectorStoreIndex
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.postprocessor import SimilarityPostprocessor
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.retrievers import BaseRetriever, VectorIndexRetriever
+from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+from llama_index.core.vector_stores.types import (
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQueryMode,
+)
+
+from rag_app.config import RagConfig
+from rag_app.errors import RagAppError
+
+_MODES = {
+    "dense": VectorStoreQueryMode.DEFAULT,
+    "hybrid": VectorStoreQueryMode.HYBRID,
+    "sparse": VectorStoreQueryMode.TEXT_SEARCH,
+}
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_filters(specs: Sequence[str]) -> MetadataFilters | None:
+    """``["source=reference/*", "doc_type=markdown"]`` as filters Milvus evaluates (AND).
+
+    ``key=value`` matches exactly; a value ending in ``*`` matches by prefix.
+    """
+    filters = []
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key) or not value:
+            raise RagAppError(
+                f"bad filter {spec!r}: write KEY=VALUE or KEY=PREFIX* "
+                "(e.g. source=reference/* or doc_type=markdown)"
+            )
+        if any(char in value for char in "'\"\\%"):
+            raise RagAppError(f"bad filter {spec!r}: quotes, backslashes and % are not allowed")
+        if value.endswith("*"):
+            filters.append(
+                MetadataFilter(key=key, value=value[:-1], operator=FilterOperator.TEXT_MATCH)
+            )
+        else:
+            filters.append(MetadataFilter(key=key, value=value, operator=FilterOperator.EQ))
+    return MetadataFilters(filters=filters) if filters else None
+
+
+class PostprocessedRetriever(BaseRetriever):
+    """A retriever followed by node postprocessors: what the query engine retrieves, usable
+    on its own (a ``RetrieverQueryEngine``, an agent tool, an evaluation)."""
+
+    def __init__(
+        self, retriever: BaseRetriever, postprocessors: Sequence[BaseNodePostprocessor]
+    ) -> None:
+        super().__init__()
+        self.retriever = retriever
+        self.postprocessors = list(postprocessors)
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        nodes = self.retriever.retrieve(query_bundle)
+        for stage in self.postprocessors:
+            nodes = stage.postprocess_nodes(nodes, query_bundle)
+        return nodes
+
+
+def build_retriever(
+    cfg: RagConfig,
+    index: VectorStoreIndex,
+    *,
+    top_k: int | None = None,
+    filters: MetadataFilters | None = None,
+) -> PostprocessedRetriever:
+    """The configured retrieval: Milvus search for candidates, then the postprocessors."""
+    return PostprocessedRetriever(
+        _search(cfg, index, top_k=top_k, filters=filters), build_postprocessors(cfg, top_k)
+    )
+
+
+def _search(
+    cfg: RagConfig,
+    index: VectorStoreIndex,
+    *,
+    top_k: int | None = None,
+    filters: MetadataFilters | None = None,
+) -> VectorIndexRetriever:
+    """The configured Milvus search, returning the candidates the postprocessors cut down."""
+    settings = cfg.retrieval
+    store = index.vector_store
+    if settings.mode != "dense" and not getattr(store, "enable_sparse", False):
+        collection = getattr(store, "collection_name", cfg.milvus.collection)
+        raise RagAppError(
+            f"retrieval.mode = {settings.mode!r} needs BM25, but collection {collection!r} "
+            "was created without it (ingest into a new milvus.collection with "
+            "milvus.bm25 = true, or use retrieval.mode = 'dense')"
+        )
+    wanted = top_k or settings.top_k
+    narrows = settings.dedupe or settings.rerank != "none"
+    fetch = max(settings.candidates, wanted) if narrows else wanted
+    mode = VectorStoreQueryMode.MMR if settings.mmr else _MODES[settings.mode]
+    kwargs: dict[str, Any] = {"mmr_threshold": settings.mmr_threshold} if settings.mmr else {}
+    return VectorIndexRetriever(
+        index,
+        similarity_top_k=fetch,
+        sparse_top_k=fetch,
+        hybrid_top_k=fetch,
+        vector_store_query_mode=mode,
+        filters=filters,
+        vector_store_kwargs=kwargs,
+    )
+
+
+def build_postprocessors(cfg: RagConfig, top_k: int | None = None) -> list[BaseNodePostprocessor]:
+    """Cut-off, merging of overlapping chunks, reranking, and the final cut to ``top_k``."""
+    settings = cfg.retrieval
+    wanted = top_k or settings.top_k
+    stages: list[BaseNodePostprocessor] = []
+    if settings.similarity_cutoff is not None:
+        stages.append(SimilarityPostprocessor(similarity_cutoff=settings.similarity_cutoff))
+    if settings.dedupe:
+        stages.append(MergeOverlapping())
+    if settings.rerank == "cross-encoder":
+        stages.append(_cross_encoder(settings.rerank_model, wanted, cfg.embedding.device))
+    stages.append(KeepTop(top_n=wanted))
+    return stages
+
+
+def _cross_encoder(model: str, top_n: int, device: str) -> BaseNodePostprocessor:
+    from llama_index.core.postprocessor import SentenceTransformerRerank
+
+    try:
+        return SentenceTransformerRerank(
+            model=model, top_n=top_n, device=None if device == "auto" else device
+        )
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RagAppError(
+            f"cannot load reranker {model!r}: {reason} (download it first, e.g. "
+            "`hf download MODEL`, point retrieval.rerank_model at a local folder, or set "
+            "retrieval.rerank = 'none')"
+        ) from None
+
+
+class KeepTop(BaseNodePostprocessor):
+    """The first ``top_n`` nodes: every stage before keeps them best first.
+
+    Not re-sorted by score: scores of different retrieval modes are not on one scale.
+    """
+
+    top_n: int = Field(default=3, ge=1)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "KeepTop"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        return nodes[: self.top_n]
+
+
+class MergeOverlapping(BaseNodePostprocessor):
+    """Merge retrieved chunks that are neighbours in one document into one passage.
+
+    Neighbouring chunks share their overlap; sending both repeats it and spends two of the
+    ``top_k`` slots on one passage. The merged node keeps the better score and the first
+    chunk's id and metadata.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MergeOverlapping"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        groups: dict[tuple[str, int], list[NodeWithScore]] = {}
+        position: dict[str, tuple[str, int]] = {}
+        for node in nodes:
+            doc, number = _chunk_position(node)
+            if number is None:
+                groups[(node.node.node_id, -1)] = [node]
+                continue
+            neighbour = position.get(f"{doc}#{number - 1}") or position.get(f"{doc}#{number + 1}")
+            key = neighbour or (doc, number)
+            groups.setdefault(key, []).append(node)
+            position[f"{doc}#{number}"] = key
+        return [_merge(group) if len(group) > 1 else group[0] for group in groups.values()]
+
+
+def _chunk_position(node: NodeWithScore) -> tuple[str, int | None]:
+    doc, _, number = node.node.node_id.rpartition("#")
+    return (doc, int(number)) if number.isdigit() else (node.node.node_id, None)
+
+
+def _merge(group: list[NodeWithScore]) -> NodeWithScore:
+    ordered = sorted(group, key=lambda n: _chunk_position(n)[1] or 0)
+    text = ordered[0].node.get_content()
+    for node in ordered[1:]:
+        text = _join_overlapping(text, node.node.get_content())
+    first = ordered[0].node
+    merged = TextNode(
+        id_=first.node_id,
+        text=text,
+        metadata=dict(first.metadata),
+        excluded_embed_metadata_keys=list(first.excluded_embed_metadata_keys),
+        excluded_llm_metadata_keys=list(first.excluded_llm_metadata_keys),
+        relationships=dict(first.relationships),
+    )
+    return NodeWithScore(node=merged, score=max(n.score or 0.0 for n in group))
+
+
+def _join_overlapping(left: str, right: str) -> str:
+    """``left`` then ``right`` without the text they share (right's start, left's end)."""
+    for size in range(min(len(left), len(right)), 0, -1):
+        if left.endswith(right[:size]):
+            return left + right[size:]
+    return left + "\n" + right

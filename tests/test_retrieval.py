@@ -1,0 +1,155 @@
+"""Retrieval modes (dense, BM25, hybrid), filters evaluated in Milvus, and postprocessing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import HNSW_QUESTION, PROFILE
+from llama_index.core.schema import NodeWithScore, TextNode
+
+from rag_app import RagAppError, build_index, build_vector_store, ingest_path
+from rag_app.components.retrieval import (
+    MergeOverlapping,
+    build_postprocessors,
+    build_retriever,
+    parse_filters,
+)
+
+
+def sources(nodes: list[NodeWithScore]) -> list[str]:
+    return [n.node.metadata["source"] for n in nodes]
+
+
+def with_retrieval(cfg, **settings):
+    variant = cfg.model_copy(deep=True)
+    for key, value in settings.items():
+        setattr(variant.retrieval, key, value)
+    return variant
+
+
+def test_bm25_finds_an_exact_parameter_name(session_cfg, session_index):
+    sparse = with_retrieval(session_cfg, mode="sparse", dedupe=False)
+    found = build_retriever(sparse, session_index, top_k=3).retrieve("efConstruction")
+    assert len(found) == 3
+    assert sources(found)[0] == "reference/index.md"
+    assert all("efconstruction" in n.node.get_content().lower() for n in found)
+    assert [n.score for n in found] == sorted((n.score for n in found), reverse=True)
+    assert found[-1].score > 0  # BM25 scores, positive, best first
+
+
+@pytest.mark.parametrize("fusion", ["rrf", "weighted"])
+def test_hybrid_search_fuses_dense_and_bm25(session_cfg, ingested, embed_model, fusion):
+    hybrid = with_retrieval(session_cfg, mode="hybrid", fusion=fusion)
+    store = build_vector_store(hybrid, embed_model)
+    assert store.hybrid_ranker == {"rrf": "RRFRanker", "weighted": "WeightedRanker"}[fusion]
+    index = build_index(hybrid, embed_model=embed_model, vector_store=store)
+    found = build_retriever(hybrid, index, top_k=3).retrieve(HNSW_QUESTION)
+    assert "reference/index.md" in sources(found)
+    assert len(found) == 3
+    # Fused scores, not cosine ones: RRF adds 1 / (k + rank) from each of the two lists.
+    ceiling = 2 / (hybrid.retrieval.rrf_k + 1) if fusion == "rrf" else 1.0
+    assert all(0 < n.score <= ceiling for n in found)
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_filters_are_evaluated_in_milvus_before_ranking(session_cfg, session_index, mode):
+    session_cfg = with_retrieval(session_cfg, mode=mode)
+    filters = parse_filters(["source=reference/metric*", "doc_type=markdown"])
+    found = build_retriever(session_cfg, session_index, top_k=3, filters=filters).retrieve(
+        HNSW_QUESTION
+    )
+    # metric.md is nowhere near the top for this question without the filter, yet three of
+    # its chunks come back: the filter ran inside the search, not on its results.
+    unfiltered = build_retriever(session_cfg, session_index, top_k=20).retrieve(HNSW_QUESTION)
+    assert "reference/metric.md" not in sources(unfiltered)[:3]
+    assert sources(found) == ["reference/metric.md"] * 3
+    by_title = parse_filters(["title=In-memory Index"])
+    assert set(sources(build_retriever(session_cfg, session_index, filters=by_title).retrieve(
+        HNSW_QUESTION
+    ))) == {"reference/index.md"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec", ["source", "=x", "bad key=x", "title=it's", "source=a%b", "source="]
+)
+def test_bad_filters_are_one_line_errors(spec):
+    with pytest.raises(RagAppError, match="bad filter"):
+        parse_filters([spec])
+
+
+def test_cli_reports_a_bad_filter_before_starting_any_engine(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "rag_app.cli", "query", "q", "--filter", "source",
+         "--config", str(PROFILE)],
+        capture_output=True, text=True, timeout=120, env={"PATH": "", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "rag-app: error: bad filter 'source': write KEY=VALUE or KEY=PREFIX* "
+        "(e.g. source=reference/* or doc_type=markdown)"
+    ]
+
+
+def test_a_collection_without_bm25_refuses_hybrid_in_one_line_and_keeps_its_data(
+    small_cfg, embed_model, tmp_path
+):
+    small_cfg.milvus.bm25 = False
+    small_cfg.retrieval.mode = "dense"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\nPartitions split a collection.")
+    store = build_vector_store(small_cfg, embed_model)
+    ingest_path(small_cfg, tmp_path / "docs", embed_model=embed_model, vector_store=store)
+    index = build_index(small_cfg, embed_model=embed_model, vector_store=store)
+    for mode in ("hybrid", "sparse"):
+        with pytest.raises(RagAppError, match="needs BM25, but collection 'rag_docs' was crea"):
+            build_retriever(with_retrieval(small_cfg, mode=mode), index)
+    assert len(build_retriever(small_cfg, index).retrieve("partitions")) == 1
+
+
+def test_neighbouring_chunks_of_a_document_merge_into_one_passage():
+    def hit(node_id: str, text: str, score: float) -> NodeWithScore:
+        return NodeWithScore(node=TextNode(id_=node_id, text=text), score=score)
+
+    merged = MergeOverlapping().postprocess_nodes(
+        [
+            hit("a.md#3", "the graph. Then search walks it.", 0.9),
+            hit("b.md#0", "Another page.", 0.8),
+            hit("a.md#2", "HNSW builds the graph.", 0.7),
+            hit("a.md#7", "Far away in a.md.", 0.6),
+        ]
+    )
+    assert [(n.node.node_id, n.node.get_content(), n.score) for n in merged] == [
+        ("a.md#2", "HNSW builds the graph. Then search walks it.", 0.9),
+        ("b.md#0", "Another page.", 0.8),
+        ("a.md#7", "Far away in a.md.", 0.6),
+    ]
+
+
+def test_dense_only_options_are_refused_with_other_modes(session_cfg):
+    with pytest.raises(ValueError, match="use them with mode = 'dense'"):
+        with_retrieval(session_cfg, mode="hybrid", mmr=True)
+
+
+def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index):
+    session_cfg = with_retrieval(session_cfg, mode="dense")
+    plain = build_retriever(session_cfg, session_index, top_k=3).retrieve(HNSW_QUESTION)
+    cutoff = plain[1].score
+    kept = build_retriever(
+        with_retrieval(session_cfg, similarity_cutoff=cutoff), session_index, top_k=3
+    ).retrieve(HNSW_QUESTION)
+    assert [n.score for n in kept] == [n.score for n in plain[:2]]
+    diverse = build_retriever(
+        with_retrieval(session_cfg, mmr=True, mmr_threshold=0.1), session_index, top_k=3
+    ).retrieve(HNSW_QUESTION)
+    assert len(diverse) == 3
+    assert [n.node.node_id for n in diverse] != [n.node.node_id for n in plain]
+
+
+def test_a_missing_reranker_model_is_a_one_line_error(session_cfg, tmp_path):
+    cfg = with_retrieval(
+        session_cfg, rerank="cross-encoder", rerank_model=str(tmp_path / "no-such-reranker")
+    )
+    with pytest.raises(RagAppError, match=r"cannot load reranker .*no-such-reranker"):
+        build_postprocessors(cfg)
