@@ -123,12 +123,13 @@ def _sources(response: Any) -> list[dict[str, Any]]:
 
     return [
         {
+            "number": number,
             "source": node_source(node),
             "title": node.node.metadata.get("title"),
             "score": None if node.score is None else round(float(node.score), 4),
             "text": node.node.get_content(),
         }
-        for node in response.source_nodes
+        for number, node in enumerate(response.source_nodes, 1)
     ]
 
 
@@ -136,6 +137,7 @@ def _query(args: argparse.Namespace) -> int:
     from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
     from rag_app.config import load_config
+    from rag_app.pipelines.citations import check_citations
     from rag_app.pipelines.query import build_query_engine
 
     cfg = load_config(getattr(args, "config", None))
@@ -164,8 +166,9 @@ def _query(args: argparse.Namespace) -> int:
         if callable(close):
             close()
     sources = _sources(response)
+    answer, cited = check_citations(answer, len(sources))
     if args.json:
-        print(json.dumps({"answer": answer, "sources": sources}))
+        print(json.dumps({"answer": answer, "citations": cited, "sources": sources}))
         return 0
     print("" if args.stream else answer)
     print("\nSources:")

@@ -52,7 +52,12 @@ def test_answer_is_grounded_in_retrieved_chunks_sent_through_the_chat_template(
     assert prompt.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert "\nuser: " not in prompt and "assistant: " not in prompt  # no generic format
-    assert f"Grounding sources: {', '.join(dict.fromkeys(sources))}\n" in prompt
+    numbered = ", ".join(f"[{n}] {source}" for n, source in enumerate(sources, 1))
+    assert f"Grounding sources: {numbered}\n" in prompt
+    for number, node in enumerate(response.source_nodes, 1):  # excerpt [n] is source n
+        excerpt = prompt[: prompt.index(node.node.get_content())]
+        assert excerpt[excerpt.rindex("---\n[") :].startswith(f"---\n[{number}] source: ")
+    assert set(response.metadata["citations"]) <= set(range(1, len(sources) + 1))
     assert prompt.rstrip().endswith(
         f"User's question: {HNSW_QUESTION}<|im_end|>\n<|im_start|>assistant"
     )

@@ -75,6 +75,8 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
     assert result["answer"].strip()
     assert [s["source"] for s in result["sources"]] == ["reference/index.md"] * 2
     assert all(set(s) >= {"source", "score", "text"} and s["text"] for s in result["sources"])
+    assert [s["number"] for s in result["sources"]] == [1, 2]
+    assert set(result["citations"]) <= {1, 2}
 
     streamed = subprocess.run(
         [*cli, "query", HNSW_QUESTION, "--stream"],

@@ -7,7 +7,7 @@ from typing import Any
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.base.response.schema import RESPONSE_TYPE
+from llama_index.core.base.response.schema import RESPONSE_TYPE, Response
 from llama_index.core.llms import LLM
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import CompactAndRefine
@@ -21,6 +21,7 @@ from rag_app.components.llm import build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
+from rag_app.pipelines.citations import check_citations, number_excerpts
 from rag_app.prompts import GROUNDED_QA_PROMPT, REFINE_PROMPT
 
 CHUNK_SEPARATOR = "\n---\n"
@@ -36,7 +37,9 @@ class GroundedSynthesizer(CompactAndRefine):
     """Compact-and-refine with the recipe's ordering: best chunk last, sources listed.
 
     ``source_nodes`` on the response stay best-first; only the prompt is reversed, so the
-    most relevant text sits next to the question.
+    most relevant text sits next to the question. Excerpts are numbered as the sources are
+    (``[1]`` = best); citations of numbers no excerpt has are removed from the answer, and
+    ``response.metadata["citations"]`` lists the numbers it cites.
     """
 
     def synthesize(
@@ -47,7 +50,8 @@ class GroundedSynthesizer(CompactAndRefine):
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
         response_kwargs.setdefault("sources_str", _sources_str(nodes))
-        return super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
+        response = super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
+        return _checked(response, len(nodes))
 
     async def asynthesize(
         self,
@@ -57,15 +61,27 @@ class GroundedSynthesizer(CompactAndRefine):
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
         response_kwargs.setdefault("sources_str", _sources_str(nodes))
-        return await super().asynthesize(query, nodes, additional_source_nodes, **response_kwargs)
+        response = await super().asynthesize(
+            query, nodes, additional_source_nodes, **response_kwargs
+        )
+        return _checked(response, len(nodes))
 
     def _make_compact_text_chunks(self, query_str: str, text_chunks: Sequence[str]) -> list[str]:
-        best_last = [CHUNK_SEPARATOR.lstrip("\n") + chunk for chunk in reversed(text_chunks)]
+        numbered = number_excerpts(text_chunks)
+        best_last = [CHUNK_SEPARATOR.lstrip("\n") + chunk for chunk in reversed(numbered)]
         return super()._make_compact_text_chunks(query_str, best_last)
 
 
 def _sources_str(nodes: Sequence[NodeWithScore]) -> str:
-    return ", ".join(dict.fromkeys(node_source(n) for n in nodes if node_source(n)))
+    return ", ".join(f"[{number}] {node_source(n)}" for number, n in enumerate(nodes, 1))
+
+
+def _checked(response: RESPONSE_TYPE, count: int) -> RESPONSE_TYPE:
+    """Remove citations to no excerpt from a finished answer (a stream is left as it is)."""
+    if isinstance(response, Response) and response.response is not None:
+        response.response, cited = check_citations(response.response, count)
+        response.metadata = {**(response.metadata or {}), "citations": cited}
+    return response
 
 
 def build_index(
