@@ -6,9 +6,11 @@ LlamaIndex application can use them without knowing about rag_app's configuratio
 
 from rag_app.components.embedding import build_embed_model
 from rag_app.components.llm import ChatTemplateVllm, build_llm
+from rag_app.components.retrieval import build_retriever, parse_filters
 from rag_app.components.vector_store import build_storage_context, build_vector_store
 from rag_app.config import RagConfig, load_config
 from rag_app.errors import RagAppError
+from rag_app.pipelines.chat import build_chat_engine
 from rag_app.pipelines.ingest import IngestReport, ingest_path
 from rag_app.pipelines.query import build_index, build_query_engine
 
@@ -17,12 +19,15 @@ __all__ = [
     "IngestReport",
     "RagAppError",
     "RagConfig",
+    "build_chat_engine",
     "build_embed_model",
     "build_index",
     "build_llm",
     "build_query_engine",
+    "build_retriever",
     "build_storage_context",
     "build_vector_store",
     "ingest_path",
     "load_config",
+    "parse_filters",
 ]

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
         "--stream", action="store_true", help="print tokens as they arrive (llm.mode = server)"
     )
 
+    chat = commands.add_parser(
+        "chat", parents=[common], help="a conversation about the documents, in the terminal"
+    )
+    chat.add_argument("--top-k", type=int, metavar="N", help="chunks to retrieve per turn")
+    chat.add_argument(
+        "--filter", action="append", default=[], metavar="KEY=VALUE", help="as for query"
+    )
+
     evaluate = commands.add_parser(
         "eval", parents=[common], help="score retrieval against a QA file (JSON lines)"
     )
@@ -97,6 +105,51 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(scores.to_json(), indent=2) + "\n")
         print(f"scores written to {args.out}")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from rag_app.components.llm import build_llm
+    from rag_app.components.retrieval import parse_filters
+    from rag_app.config import load_config
+    from rag_app.pipelines.chat import build_chat_engine
+    from rag_app.pipelines.query import node_source
+
+    cfg = load_config(getattr(args, "config", None))
+    filters = parse_filters(args.filter)
+    if args.top_k is not None and args.top_k < 1:
+        raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
+    llm = build_llm(cfg)
+    try:
+        engine = build_chat_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(
+                "Ask about your documents. /reset forgets the conversation; /exit or Ctrl-D quits."
+            )
+        while True:
+            try:
+                message = input("you> " if interactive else "").strip()
+            except EOFError:
+                break
+            if message in ("/exit", "/quit"):
+                break
+            if message == "/reset":
+                engine.reset()
+                print("(conversation forgotten)")
+                continue
+            if not message:
+                continue
+            response = engine.chat(message)
+            print(f"assistant> {str(response).strip()}")
+            for number, node in enumerate(response.source_nodes, 1):
+                score = None if node.score is None else round(float(node.score), 4)
+                print(f"  [{number}] {node_source(node)}  (score {score})")
+            print(flush=True)
+    finally:
+        close = getattr(llm, "close", None)
+        if callable(close):
+            close()
     return 0
 
 
@@ -138,7 +191,7 @@ def _query(args: argparse.Namespace) -> int:
     from rag_app.components.retrieval import parse_filters
     from rag_app.config import load_config
     from rag_app.pipelines.citations import check_citations
-    from rag_app.pipelines.query import build_query_engine
+    from rag_app.pipelines.query import build_query_engine, is_abstention
 
     cfg = load_config(getattr(args, "config", None))
     filters = parse_filters(args.filter)
@@ -167,11 +220,13 @@ def _query(args: argparse.Namespace) -> int:
             close()
     sources = _sources(response)
     answer, cited = check_citations(answer, len(sources))
+    abstained = not sources or is_abstention(answer)
     if args.json:
-        print(json.dumps({"answer": answer, "citations": cited, "sources": sources}))
+        result = {"answer": answer, "abstained": abstained, "citations": cited, "sources": sources}
+        print(json.dumps(result))
         return 0
     print("" if args.stream else answer)
-    print("\nSources:")
+    print("\nSources:" if sources else "\nSources: none relevant enough")
     for number, source in enumerate(sources, 1):
         print(f"  [{number}] {source['source']}  (score {source['score']})")
     return 0
@@ -184,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("rag_app").setLevel(logging.INFO)
     try:
-        return {"ingest": _ingest, "query": _query, "eval": _eval}[args.command](args)
+        commands = {"ingest": _ingest, "query": _query, "chat": _chat, "eval": _eval}
+        return commands[args.command](args)
     except RagAppError as exc:
         print(f"rag-app: error: {exc}", file=sys.stderr)
         return 2

@@ -93,6 +93,10 @@ class RetrievalSettings(_Section):
     mmr_threshold: float = Field(0.5, ge=0.0, le=1.0)
     # Merge retrieved chunks that overlap (neighbours in one document) into one.
     dedupe: bool = True
+    # Abstain (answer that the documents do not say, without asking the LLM) when no chunk's
+    # cosine similarity to the question reaches this. Model-specific: measure it on your
+    # questions (scripts/bench_retrieval.py prints the similarities); unset = never.
+    abstain_below: float | None = Field(None, ge=-1.0, le=1.0)
     rerank: Literal["none", "cross-encoder"] = "none"
     rerank_model: str = "BAAI/bge-reranker-base"
 

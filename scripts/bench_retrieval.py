@@ -23,11 +23,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.vector_stores.types import VectorStoreQuery
+from llama_index.vector_stores.milvus import MilvusVectorStore
+
 from rag_app import build_embed_model, build_index, build_vector_store, ingest_path, load_config
 from rag_app.components.retrieval import build_retriever
 from rag_app.pipelines.evaluate import CHUNKS_PER_DOCUMENT, evaluate_retrieval, load_qa
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _best_similarity(embed_model: BaseEmbedding, store: MilvusVectorStore, question: str) -> float:
+    query = VectorStoreQuery(
+        query_embedding=embed_model.get_query_embedding(question), similarity_top_k=1
+    )
+    return max(store.query(query).similarities or [0.0])
 
 
 def main() -> int:
@@ -77,6 +88,22 @@ def main() -> int:
         per_query = (time.perf_counter() - started) / max(scores.questions, 1) * 1000
         results[name] = scores
         print(f"{name:<22}{scores.row()}  {per_query:.0f} ms/query", flush=True)
+    print(
+        "\nabstention (retrieval.abstain_below): the best chunk's cosine similarity to "
+        "each question, answerable vs unanswerable"
+    )
+    best = {item.question: _best_similarity(embed_model, store, item.question) for item in qa}
+    answerable = sorted(best[i.question] for i in qa if i.sources)
+    unanswerable = sorted(best[i.question] for i in qa if not i.sources)
+    print(f"answerable   ({len(answerable)}): " + " ".join(f"{v:.2f}" for v in answerable))
+    print(f"unanswerable ({len(unanswerable)}): " + " ".join(f"{v:.2f}" for v in unanswerable))
+    for threshold in (0.4, 0.45, 0.5, 0.55, 0.6):
+        right = sum(v < threshold for v in unanswerable)
+        wrong = sum(v < threshold for v in answerable)
+        print(
+            f"abstain_below = {threshold:.2f}: abstains on {right}/{len(unanswerable)} "
+            f"unanswerable, {wrong}/{len(answerable)} answerable"
+        )
     if args.out:
         args.out.write_text(
             json.dumps({name: s.to_json() for name, s in results.items()}, indent=2) + "\n"

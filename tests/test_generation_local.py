@@ -12,8 +12,9 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.tools import QueryEngineTool
 from pydantic import Field
 
-from rag_app import build_index, build_query_engine
-from rag_app.prompts import SYSTEM_PROMPT
+from rag_app import build_chat_engine, build_index, build_query_engine
+from rag_app.pipelines.query import is_abstention
+from rag_app.prompts import ABSTAIN_ANSWER, SYSTEM_PROMPT
 
 pytestmark = pytest.mark.llm
 
@@ -95,3 +96,43 @@ def test_another_app_builds_its_own_engine_from_our_index(
     response = engine.query(HNSW_QUESTION)
     assert str(response).strip()
     assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+def test_nothing_relevant_enough_abstains_without_asking_the_llm(
+    session_cfg, session_index, local_llm, sent_prompts
+):
+    strict = session_cfg.model_copy(deep=True)
+    strict.retrieval.abstain_below = 0.99  # no chunk is that similar to any question
+    response = build_query_engine(strict, index=session_index, llm=local_llm).query(
+        "Who won the football World Cup in 1998?"
+    )
+    assert str(response) == ABSTAIN_ANSWER
+    assert response.source_nodes == []
+    assert response.metadata["abstained"] is True
+    assert sent_prompts == []
+
+
+def test_a_relevant_question_passes_the_relevance_gate(session_cfg, session_index, local_llm):
+    gated = session_cfg.model_copy(deep=True)
+    gated.retrieval.abstain_below = 0.3
+    response = build_query_engine(gated, index=session_index, llm=local_llm).query(HNSW_QUESTION)
+    assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+    assert response.metadata["abstained"] is is_abstention(str(response))
+
+
+def test_chat_keeps_the_conversation_and_retrieves_each_turn(
+    session_cfg, session_index, local_llm, sent_prompts
+):
+    chat = build_chat_engine(session_cfg, index=session_index, llm=local_llm)
+    first = chat.chat(HNSW_QUESTION)
+    assert str(first).strip()
+    assert first.source_nodes[0].node.metadata["source"] == "reference/index.md"
+    follow_up = chat.chat("Which of those parameters matters at search time?")
+    assert str(follow_up).strip() and follow_up.source_nodes
+    assert [m.role.value for m in chat.chat_history] == ["user", "assistant"] * 2
+    assert HNSW_QUESTION in chat.chat_history[0].content
+    # Every prompt, the condensing one included, went through SmolLM2's chat template.
+    assert sent_prompts and all(p.startswith("<|im_start|>") for p in sent_prompts)
+    assert all(p.endswith("<|im_start|>assistant\n") for p in sent_prompts)
+    chat.reset()
+    assert chat.chat_history == []

@@ -14,6 +14,7 @@ from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 
 from rag_app import build_llm, build_query_engine
+from rag_app.prompts import ABSTAIN_ANSWER
 
 pytestmark = pytest.mark.server
 
@@ -77,6 +78,19 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
     assert all(set(s) >= {"source", "score", "text"} and s["text"] for s in result["sources"])
     assert [s["number"] for s in result["sources"]] == [1, 2]
     assert set(result["citations"]) <= {1, 2}
+    assert result["abstained"] is (result["answer"] == ABSTAIN_ANSWER)
+
+    strict = subprocess.run(
+        [*cli, "query", "Who won the football World Cup in 1998?", "--json"],
+        env={**env, "RAG_APP_RETRIEVAL__ABSTAIN_BELOW": "0.99"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert strict.returncode == 0, strict.stderr
+    assert json.loads(strict.stdout) == {
+        "answer": ABSTAIN_ANSWER, "abstained": True, "citations": [], "sources": []
+    }  # fmt: skip
 
     streamed = subprocess.run(
         [*cli, "query", HNSW_QUESTION, "--stream"],
@@ -88,6 +102,40 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
     assert streamed.returncode == 0, streamed.stderr
     answer, _, sources = streamed.stdout.partition("\nSources:\n")
     assert answer.strip() and "[1] reference/index.md" in sources
+
+
+def test_cli_chat_answers_each_turn_with_sources_and_exits_on_end_of_input(vllm_server, tmp_path):
+    docs = tmp_path / "docs" / "reference"
+    docs.mkdir(parents=True)
+    shutil.copy(CORPUS / "reference" / "index.md", docs / "index.md")
+    env = {
+        **os.environ,
+        "RAG_APP_CONFIG": str(PROFILE),
+        "RAG_APP_MILVUS__URI": str(tmp_path / "chat.db"),
+        "RAG_APP_LLM__MODE": "server",
+        "RAG_APP_LLM__API_BASE": vllm_server,
+        "RAG_APP_LLM__MODEL": "smollm2",
+    }
+    cli = [sys.executable, "-m", "rag_app.cli"]
+    ingest = subprocess.run(
+        [*cli, "ingest", str(tmp_path / "docs")], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr
+    turns = f"{HNSW_QUESTION}\nWhich one matters at search time?\n/reset\n"
+    chat = subprocess.run(
+        [*cli, "chat", "--top-k", "2"], input=turns, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    lines = chat.stdout.splitlines()
+    answers = [i for i, line in enumerate(lines) if line.startswith("assistant> ")]
+    assert len(answers) == 2
+    for i in answers:
+        assert lines[i].removeprefix("assistant> ").strip()
+        first_source = next(line for line in lines[i:] if line.startswith("  ["))
+        assert first_source.startswith("  [1] reference/index.md")
+    assert lines[-1] == "(conversation forgotten)"
 
 
 def test_cli_refuses_stream_in_local_mode_in_one_line(tmp_path):

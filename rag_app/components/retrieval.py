@@ -23,6 +23,7 @@ from llama_index.core.vector_stores.types import (
     FilterOperator,
     MetadataFilter,
     MetadataFilters,
+    VectorStoreQuery,
     VectorStoreQueryMode,
 )
 
@@ -87,10 +88,16 @@ def build_retriever(
     top_k: int | None = None,
     filters: MetadataFilters | None = None,
 ) -> PostprocessedRetriever:
-    """The configured retrieval: Milvus search for candidates, then the postprocessors."""
-    return PostprocessedRetriever(
-        _search(cfg, index, top_k=top_k, filters=filters), build_postprocessors(cfg, top_k)
-    )
+    """The configured retrieval: Milvus search for candidates, then the postprocessors.
+
+    With ``retrieval.abstain_below`` set, it returns no chunks at all when no chunk is
+    relevant enough (see :class:`RelevanceGate`), and the query engine abstains.
+    """
+    stages = build_postprocessors(cfg, top_k)
+    if cfg.retrieval.abstain_below is not None:
+        gate = RelevanceGate(threshold=cfg.retrieval.abstain_below, index=index, filters=filters)
+        stages.insert(0, gate)
+    return PostprocessedRetriever(_search(cfg, index, top_k=top_k, filters=filters), stages)
 
 
 def _search(
@@ -155,6 +162,36 @@ def _cross_encoder(model: str, top_n: int, device: str) -> BaseNodePostprocessor
             "`hf download MODEL`, point retrieval.rerank_model at a local folder, or set "
             "retrieval.rerank = 'none')"
         ) from None
+
+
+class RelevanceGate(BaseNodePostprocessor):
+    """No chunks unless some chunk's cosine similarity to the question reaches ``threshold``.
+
+    Judged on the dense similarity of the best chunk in the (filtered) collection, whatever
+    the retrieval mode: fused hybrid scores and BM25 scores have no fixed scale.
+    """
+
+    threshold: float
+    index: Any = Field(exclude=True)
+    filters: Any = Field(default=None, exclude=True)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RelevanceGate"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        if not nodes or query_bundle is None:
+            return nodes
+        embedding = query_bundle.embedding or self.index._embed_model.get_query_embedding(
+            query_bundle.query_str
+        )
+        best = self.index.vector_store.query(
+            VectorStoreQuery(query_embedding=embedding, similarity_top_k=1, filters=self.filters)
+        )
+        relevance = max(best.similarities or [0.0])
+        return nodes if relevance >= self.threshold else []
 
 
 class KeepTop(BaseNodePostprocessor):

@@ -7,7 +7,7 @@ from typing import Any
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.base.response.schema import RESPONSE_TYPE, Response
+from llama_index.core.base.response.schema import RESPONSE_TYPE, Response, StreamingResponse
 from llama_index.core.llms import LLM
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import CompactAndRefine
@@ -22,7 +22,7 @@ from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
 from rag_app.pipelines.citations import check_citations, number_excerpts
-from rag_app.prompts import GROUNDED_QA_PROMPT, REFINE_PROMPT
+from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, REFINE_PROMPT
 
 CHUNK_SEPARATOR = "\n---\n"
 
@@ -49,6 +49,8 @@ class GroundedSynthesizer(CompactAndRefine):
         additional_source_nodes: Sequence[NodeWithScore] | None = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
+        if not nodes:
+            return _abstention(self._streaming)
         response_kwargs.setdefault("sources_str", _sources_str(nodes))
         response = super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
         return _checked(response, len(nodes))
@@ -60,6 +62,8 @@ class GroundedSynthesizer(CompactAndRefine):
         additional_source_nodes: Sequence[NodeWithScore] | None = None,
         **response_kwargs: Any,
     ) -> RESPONSE_TYPE:
+        if not nodes:
+            return _abstention(self._streaming)
         response_kwargs.setdefault("sources_str", _sources_str(nodes))
         response = await super().asynthesize(
             query, nodes, additional_source_nodes, **response_kwargs
@@ -80,8 +84,25 @@ def _checked(response: RESPONSE_TYPE, count: int) -> RESPONSE_TYPE:
     """Remove citations to no excerpt from a finished answer (a stream is left as it is)."""
     if isinstance(response, Response) and response.response is not None:
         response.response, cited = check_citations(response.response, count)
-        response.metadata = {**(response.metadata or {}), "citations": cited}
+        response.metadata = {
+            **(response.metadata or {}),
+            "citations": cited,
+            "abstained": is_abstention(response.response),
+        }
     return response
+
+
+def is_abstention(answer: str) -> bool:
+    """Whether an answer says the documents do not answer (the prompt's fixed reply)."""
+    return answer.strip().lower().startswith(ABSTAIN_ANSWER.lower().rstrip("."))
+
+
+def _abstention(streaming: bool) -> RESPONSE_TYPE:
+    """The answer when retrieval found nothing relevant enough: no LLM call, no sources."""
+    metadata = {"citations": [], "abstained": True}
+    if streaming:
+        return StreamingResponse(response_gen=(t for t in [ABSTAIN_ANSWER]), metadata=metadata)
+    return Response(ABSTAIN_ANSWER, source_nodes=[], metadata=metadata)
 
 
 def build_index(
