@@ -6,6 +6,8 @@ system message and the material as a user message, so the model's chat template 
 them the way the model was trained.
 """
 
+import re
+
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import ChatPromptTemplate
 
@@ -64,3 +66,16 @@ CHAT_CONTEXT_REFINE_PROMPT = (
     "Answer so far: {existing_answer}\n\n"
     "Improve the answer with these excerpts if they are relevant; otherwise repeat it."
 )
+
+_CONTROL_TOKEN = re.compile(r"<(\|[^|<>\s]{1,40}\|)>")
+
+
+def quote_as_data(text: str) -> str:
+    """Text from a document, unable to open or close a chat turn.
+
+    Chat templates mark turns with tokens such as ``<|im_start|>`` or
+    ``<|start_header_id|>``, and tokenizers turn those strings into the real control
+    tokens wherever they appear: a document holding one could start its own system turn.
+    A zero-width space after the ``<`` keeps the text readable but ordinary.
+    """
+    return _CONTROL_TOKEN.sub("<\u200b\\1>", text)

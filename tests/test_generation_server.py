@@ -7,9 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
-from conftest import CORPUS, HNSW_QUESTION, PROFILE
+from conftest import CORPUS, HNSW_QUESTION, PROFILE, REPO
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 
@@ -25,6 +26,31 @@ def test_server_mode_answers_with_sources(server_cfg, session_index):
     response = build_query_engine(server_cfg, index=session_index, llm=llm).query(HNSW_QUESTION)
     assert str(response).strip()
     assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+def test_server_mode_sends_chat_turns_that_the_server_renders_with_the_models_template(
+    vllm_server, server_cfg
+):
+    from transformers import AutoTokenizer
+
+    llm = build_llm(server_cfg)
+    assert llm.metadata.is_chat_model  # messages go to /chat/completions, never flattened
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is Milvus?"},
+    ]
+    request = urllib.request.Request(
+        vllm_server.removesuffix("/v1") + "/tokenize",
+        data=json.dumps(
+            {"model": "smollm2", "messages": messages, "add_generation_prompt": True}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        served = json.load(reply)["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(REPO / ".models" / "SmolLM2-135M-Instruct")
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert served == list(getattr(expected, "input_ids", expected))
 
 
 def test_server_mode_streams_tokens(server_cfg, session_index):

@@ -32,6 +32,7 @@ from pydantic import PrivateAttr
 
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
+from rag_app.prompts import quote_as_data
 
 
 class ChatTemplateVllm(Vllm):
@@ -93,8 +94,16 @@ class ChatTemplateVllm(Vllm):
         return kwargs
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The exact prompt text for ``messages`` under the model's chat template."""
-        turns = [{"role": m.role.value, "content": m.content or ""} for m in messages]
+        """The exact prompt text for ``messages`` under the model's chat template.
+
+        Control tokens inside the messages' text are neutralised: only the template opens
+        and closes turns.
+        """
+        special = [t for t in self._tokenizer.all_special_tokens if len(t) > 1]
+        turns = [
+            {"role": m.role.value, "content": _neutralise(m.content or "", special)}
+            for m in messages
+        ]
         return str(
             self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         )
@@ -132,6 +141,13 @@ class ChatTemplateVllm(Vllm):
             if engine_core is not None:
                 engine_core.shutdown()
         _live_engines.pop(id(self), None)
+
+
+def _neutralise(text: str, special_tokens: Sequence[str]) -> str:
+    text = quote_as_data(text)
+    for token in special_tokens:  # e.g. <s>, [INST]: not of the <|...|> form
+        text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
 
 
 _live_engines: dict[int, weakref.ref[ChatTemplateVllm]] = {}

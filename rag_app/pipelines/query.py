@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.response.schema import RESPONSE_TYPE, Response, StreamingResponse
+from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.llms import LLM
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import CompactAndRefine
@@ -22,7 +24,7 @@ from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
 from rag_app.pipelines.citations import check_citations, number_excerpts
-from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, REFINE_PROMPT
+from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, REFINE_PROMPT, quote_as_data
 
 CHUNK_SEPARATOR = "\n---\n"
 
@@ -71,9 +73,20 @@ class GroundedSynthesizer(CompactAndRefine):
         return _checked(response, len(nodes))
 
     def _make_compact_text_chunks(self, query_str: str, text_chunks: Sequence[str]) -> list[str]:
-        numbered = number_excerpts(text_chunks)
+        numbered = number_excerpts([quote_as_data(chunk) for chunk in text_chunks])
         best_last = [CHUNK_SEPARATOR.lstrip("\n") + chunk for chunk in reversed(numbered)]
         return super()._make_compact_text_chunks(query_str, best_last)
+
+
+def _prompt_helper(llm: LLM) -> PromptHelper:
+    """Packs excerpts into prompts that fit the model's window minus the answer budget,
+    counting with the model's own tokenizer where we have it (LlamaIndex's default counts
+    with tiktoken, which can undercount another model's tokens and overflow the engine)."""
+    tokenizer = getattr(llm, "_tokenizer", None)
+    count = None
+    if tokenizer is not None and hasattr(tokenizer, "encode"):
+        count = partial(tokenizer.encode, add_special_tokens=False)
+    return PromptHelper.from_llm_metadata(llm.metadata, tokenizer=count)
 
 
 def _sources_str(nodes: Sequence[NodeWithScore]) -> str:
@@ -138,6 +151,7 @@ def build_query_engine(
         text_qa_template=GROUNDED_QA_PROMPT,
         refine_template=REFINE_PROMPT,
         streaming=streaming,
+        prompt_helper=_prompt_helper(llm),
     )
     return RetrieverQueryEngine(
         retriever=build_retriever(cfg, index, top_k=top_k, filters=filters),
