@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     query = commands.add_parser("query", parents=[common], help="answer a question with sources")
-    query.add_argument("question")
+    query.add_argument("question", nargs="?", help="the question (or --file)")
+    query.add_argument(
+        "--file",
+        metavar="FILE",
+        help="answer every line of FILE, together (vLLM batches them); - reads stdin",
+    )
     query.add_argument("--top-k", type=int, metavar="N", help="chunks to retrieve")
     query.add_argument(
         "--filter",
@@ -172,6 +177,10 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _sources(response: Any) -> list[dict[str, Any]]:
+    return _source_dicts(response.source_nodes)
+
+
+def _source_dicts(nodes: Any) -> list[dict[str, Any]]:
     from rag_app.pipelines.query import node_source
 
     return [
@@ -182,7 +191,7 @@ def _sources(response: Any) -> list[dict[str, Any]]:
             "score": None if node.score is None else round(float(node.score), 4),
             "text": node.node.get_content(),
         }
-        for number, node in enumerate(response.source_nodes, 1)
+        for number, node in enumerate(nodes, 1)
     ]
 
 
@@ -197,6 +206,10 @@ def _query(args: argparse.Namespace) -> int:
     filters = parse_filters(args.filter)
     if args.top_k is not None and args.top_k < 1:
         raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
+    if (args.question is None) == (args.file is None):
+        raise RagAppError("give a question or --file FILE, not both")
+    if args.file is not None:
+        return _query_file(cfg, args, filters)
     if args.stream and cfg.llm.mode != "server":
         raise RagAppError("--stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)")
     llm = build_llm(cfg)
@@ -229,6 +242,45 @@ def _query(args: argparse.Namespace) -> int:
     print("\nSources:" if sources else "\nSources: none relevant enough")
     for number, source in enumerate(sources, 1):
         print(f"  [{number}] {source['source']}  (score {source['score']})")
+    return 0
+
+
+def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
+    from rag_app.components.llm import build_llm
+    from rag_app.pipelines.batch import answer_many
+
+    if args.stream:
+        raise RagAppError("--stream answers one question; drop it with --file")
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RagAppError(f"cannot read questions from {args.file}: {exc}") from None
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        raise RagAppError(f"no questions in {args.file} (one per line)")
+    llm = build_llm(cfg)
+    try:
+        answers = answer_many(cfg, questions, llm=llm, top_k=args.top_k, filters=filters)
+    finally:
+        close = getattr(llm, "close", None)
+        if callable(close):
+            close()
+    for answer in answers:
+        sources = _source_dicts(answer.sources)
+        result = {
+            "question": answer.question,
+            "answer": answer.answer,
+            "abstained": answer.abstained,
+            "citations": answer.citations,
+            "sources": sources,
+        }
+        if args.json:
+            print(json.dumps(result))
+            continue
+        print(f"Q: {answer.question}\nA: {answer.answer}")
+        for source in sources:
+            print(f"  [{source['number']}] {source['source']}  (score {source['score']})")
+        print()
     return 0
 
 

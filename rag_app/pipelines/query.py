@@ -53,7 +53,7 @@ class GroundedSynthesizer(CompactAndRefine):
     ) -> RESPONSE_TYPE:
         if not nodes:
             return _abstention(self._streaming)
-        response_kwargs.setdefault("sources_str", _sources_str(nodes))
+        response_kwargs.setdefault("sources_str", sources_str(nodes))
         response = super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
         return _checked(response, len(nodes))
 
@@ -66,7 +66,7 @@ class GroundedSynthesizer(CompactAndRefine):
     ) -> RESPONSE_TYPE:
         if not nodes:
             return _abstention(self._streaming)
-        response_kwargs.setdefault("sources_str", _sources_str(nodes))
+        response_kwargs.setdefault("sources_str", sources_str(nodes))
         response = await super().asynthesize(
             query, nodes, additional_source_nodes, **response_kwargs
         )
@@ -89,7 +89,7 @@ def _prompt_helper(llm: LLM) -> PromptHelper:
     return PromptHelper.from_llm_metadata(llm.metadata, tokenizer=count)
 
 
-def _sources_str(nodes: Sequence[NodeWithScore]) -> str:
+def sources_str(nodes: Sequence[NodeWithScore]) -> str:
     return ", ".join(f"[{number}] {node_source(n)}" for number, n in enumerate(nodes, 1))
 
 
