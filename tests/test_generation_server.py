@@ -106,6 +106,24 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
     assert set(result["citations"]) <= {1, 2}
     assert result["abstained"] is (result["answer"] == ABSTAIN_ANSWER)
 
+    questions = tmp_path / "questions.txt"
+    questions.write_text(f"{HNSW_QUESTION}\n\nWhat does efConstruction control?\n")
+    batch = subprocess.run(
+        [*cli, "query", "--file", str(questions), "--json", "--top-k", "2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert batch.returncode == 0, batch.stderr
+    rows = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert [r["question"] for r in rows] == [HNSW_QUESTION, "What does efConstruction control?"]
+    assert all(r["answer"].strip() and r["sources"][0]["source"] == "reference/index.md"
+               for r in rows)  # fmt: skip
+    both = subprocess.run(
+        [*cli, "query", "q", "--file", str(questions)], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert both.returncode == 2
+    assert both.stderr.strip() == "rag-app: error: give a question or --file FILE, not both"
+
     strict = subprocess.run(
         [*cli, "query", "Who won the football World Cup in 1998?", "--json"],
         env={**env, "RAG_APP_RETRIEVAL__ABSTAIN_BELOW": "0.99"},
