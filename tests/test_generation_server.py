@@ -20,6 +20,28 @@ from rag_app.prompts import ABSTAIN_ANSWER
 pytestmark = pytest.mark.server
 
 
+def served_cli(vllm_server: str, tmp_path) -> tuple[list[str], dict[str, str]]:
+    """The CLI and an environment for server mode, with reference/index.md ingested."""
+    docs = tmp_path / "docs" / "reference"
+    docs.mkdir(parents=True)
+    shutil.copy(CORPUS / "reference" / "index.md", docs / "index.md")
+    env = {
+        **os.environ,
+        "RAG_APP_CONFIG": str(PROFILE),
+        "RAG_APP_MILVUS__URI": str(tmp_path / "cli.db"),
+        "RAG_APP_LLM__MODE": "server",
+        "RAG_APP_LLM__API_BASE": vllm_server,
+        "RAG_APP_LLM__MODEL": "smollm2",
+    }
+    cli = [sys.executable, "-m", "rag_app.cli"]
+    ingest = subprocess.run(
+        [*cli, "ingest", str(tmp_path / "docs")], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr
+    return cli, env
+
+
 def test_server_mode_answers_with_sources(server_cfg, session_index):
     llm = build_llm(server_cfg)
     assert isinstance(llm, OpenAILike)
@@ -69,27 +91,7 @@ def test_server_mode_streams_tokens(server_cfg, session_index):
 
 
 def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
-    docs = tmp_path / "docs" / "reference"
-    docs.mkdir(parents=True)
-    shutil.copy(CORPUS / "reference" / "index.md", docs / "index.md")
-    env = {
-        **os.environ,
-        "RAG_APP_CONFIG": str(PROFILE),
-        "RAG_APP_MILVUS__URI": str(tmp_path / "cli.db"),
-        "RAG_APP_LLM__MODE": "server",
-        "RAG_APP_LLM__API_BASE": vllm_server,
-        "RAG_APP_LLM__MODEL": "smollm2",
-    }
-    cli = [sys.executable, "-m", "rag_app.cli"]
-    ingest = subprocess.run(
-        [*cli, "ingest", str(tmp_path / "docs")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert ingest.returncode == 0, ingest.stderr
-
+    cli, env = served_cli(vllm_server, tmp_path)
     query = subprocess.run(
         [*cli, "query", HNSW_QUESTION, "--json", "--top-k", "2"],
         env=env,
@@ -149,23 +151,7 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
 
 
 def test_cli_chat_answers_each_turn_with_sources_and_exits_on_end_of_input(vllm_server, tmp_path):
-    docs = tmp_path / "docs" / "reference"
-    docs.mkdir(parents=True)
-    shutil.copy(CORPUS / "reference" / "index.md", docs / "index.md")
-    env = {
-        **os.environ,
-        "RAG_APP_CONFIG": str(PROFILE),
-        "RAG_APP_MILVUS__URI": str(tmp_path / "chat.db"),
-        "RAG_APP_LLM__MODE": "server",
-        "RAG_APP_LLM__API_BASE": vllm_server,
-        "RAG_APP_LLM__MODEL": "smollm2",
-    }
-    cli = [sys.executable, "-m", "rag_app.cli"]
-    ingest = subprocess.run(
-        [*cli, "ingest", str(tmp_path / "docs")], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert ingest.returncode == 0, ingest.stderr
+    cli, env = served_cli(vllm_server, tmp_path)
     turns = f"{HNSW_QUESTION}\nWhich one matters at search time?\n/reset\n"
     chat = subprocess.run(
         [*cli, "chat", "--top-k", "2"], input=turns, env=env, capture_output=True, text=True,

@@ -17,7 +17,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, first_line
 
 
 def _looks_like_path(model: str) -> bool:
@@ -66,7 +66,7 @@ def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
             model_kwargs={"dtype": dtype},
         )
     except OSError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RagAppError(
             f"cannot load embedding model {settings.model!r}: {reason} "
             "(download it first, e.g. `hf download MODEL`, or point embedding.model "

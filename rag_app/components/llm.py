@@ -31,7 +31,7 @@ from llama_index.llms.vllm import Vllm
 from pydantic import PrivateAttr
 
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, first_line
 from rag_app.prompts import quote_as_data
 
 
@@ -203,7 +203,7 @@ def _build_local(cfg: RagConfig) -> ChatTemplateVllm:
             vllm_kwargs={"max_model_len": settings.max_model_len, **settings.engine_kwargs},
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RagAppError(
             f"cannot start vLLM on {model!r}: {reason} (check llm.model, llm.engine_kwargs, "
             "or use llm.mode = 'server')"

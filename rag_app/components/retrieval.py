@@ -28,7 +28,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, first_line
 
 _MODES = {
     "dense": VectorStoreQueryMode.DEFAULT,
@@ -156,7 +156,7 @@ def _cross_encoder(model: str, top_n: int, device: str) -> BaseNodePostprocessor
             model=model, top_n=top_n, device=None if device == "auto" else device
         )
     except OSError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise RagAppError(
             f"cannot load reranker {model!r}: {reason} (download it first, e.g. "
             "`hf download MODEL`, point retrieval.rerank_model at a local folder, or set "
