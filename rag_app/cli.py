@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="settings file (default: $RAG_APP_CONFIG, else ./config.toml)",
     )
+    common.add_argument(
+        "--collection",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="Milvus collection (one per knowledge base; default: milvus.collection)",
+    )
     parser = argparse.ArgumentParser(
         prog="rag-app", description="RAG over Milvus and vLLM.", parents=[common]
     )
@@ -81,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         "--filter", action="append", default=[], metavar="KEY=VALUE", help="as for query"
     )
 
+    collections = commands.add_parser(
+        "collections", parents=[common], help="list the collections (or drop one)"
+    )
+    collections.add_argument("--drop", metavar="NAME", help="delete a collection and its data")
+    collections.add_argument("--yes", action="store_true", help="confirm --drop")
+
     evaluate = commands.add_parser(
         "eval", parents=[common], help="score retrieval against a QA file (JSON lines)"
     )
@@ -93,9 +105,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The settings, with ``--config`` and ``--collection`` applied."""
+    from rag_app.config import load_config
+
+    if hasattr(args, "collection"):
+        overrides["milvus__collection"] = args.collection
+    return load_config(getattr(args, "config", None), **overrides)
+
+
+def _collections(args: argparse.Namespace) -> int:
+    from rag_app.components.vector_store import drop_collection, list_collections
+
+    cfg = _load_config(args)
+    if args.drop:
+        if not args.yes:
+            raise RagAppError(
+                f"dropping {args.drop!r} deletes its documents for good: add --yes to confirm"
+            )
+        drop_collection(cfg, args.drop)
+        print(f"dropped {args.drop}")
+        return 0
+    infos = list_collections(cfg)
+    if not infos:
+        print(f"no collections at {cfg.milvus.uri}")
+        return 0
+    print(f"{'collection':<28}{'chunks':>8}{'dim':>6}  {'bm25':<5} embedding model")
+    for info in infos:
+        bm25 = "yes" if info.bm25 else "no"
+        print(f"{info.name:<28}{info.rows:>8}{info.dim or '-':>6}  {bm25:<5} {info.model or '-'}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from rag_app.components.retrieval import build_retriever
-    from rag_app.config import load_config
     from rag_app.pipelines.evaluate import CHUNKS_PER_DOCUMENT, evaluate_retrieval, load_qa
     from rag_app.pipelines.query import build_index
 
@@ -103,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise RagAppError(f"-k must be at least 1, got {args.k}")
     items = load_qa(args.qa)
     overrides = {"retrieval__mode": args.mode} if args.mode else {}
-    cfg = load_config(getattr(args, "config", None), **overrides)
+    cfg = _load_config(args, **overrides)
     retriever = build_retriever(cfg, build_index(cfg), top_k=CHUNKS_PER_DOCUMENT * args.k)
     scores = evaluate_retrieval(items, retriever.retrieve, k=args.k)
     print(f"{cfg.retrieval.mode:<12}{scores.row()}")
@@ -116,11 +159,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
-    from rag_app.config import load_config
     from rag_app.pipelines.chat import build_chat_engine
     from rag_app.pipelines.query import node_source
 
-    cfg = load_config(getattr(args, "config", None))
+    cfg = _load_config(args)
     filters = parse_filters(args.filter)
     if args.top_k is not None and args.top_k < 1:
         raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
@@ -159,10 +201,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from rag_app.config import load_config
     from rag_app.pipelines.ingest import ingest_path
 
-    cfg = load_config(getattr(args, "config", None))
+    cfg = _load_config(args)
     report = ingest_path(
         cfg,
         args.path,
@@ -198,11 +239,10 @@ def _source_dicts(nodes: Any) -> list[dict[str, Any]]:
 def _query(args: argparse.Namespace) -> int:
     from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
-    from rag_app.config import load_config
     from rag_app.pipelines.citations import check_citations
     from rag_app.pipelines.query import build_query_engine, is_abstention
 
-    cfg = load_config(getattr(args, "config", None))
+    cfg = _load_config(args)
     filters = parse_filters(args.filter)
     if args.top_k is not None and args.top_k < 1:
         raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
@@ -291,7 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("rag_app").setLevel(logging.INFO)
     try:
-        commands = {"ingest": _ingest, "query": _query, "chat": _chat, "eval": _eval}
+        commands = {
+            "ingest": _ingest,
+            "query": _query,
+            "chat": _chat,
+            "eval": _eval,
+            "collections": _collections,
+        }
         return commands[args.command](args)
     except RagAppError as exc:
         print(f"rag-app: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,45 @@ def quiet_lite_timestamps() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    rows: int
+    dim: int | None
+    model: str | None
+    bm25: bool
+
+
+def list_collections(cfg: RagConfig) -> list[CollectionInfo]:
+    """Every collection at ``milvus.uri``, with its size and what embedded it."""
+    client = _connect(cfg)
+    try:
+        infos = []
+        for name in sorted(client.list_collections()):
+            dim, model, bm25 = _collection_facts(client, name)
+            rows = int(client.get_collection_stats(name).get("row_count", 0))
+            infos.append(CollectionInfo(name, rows, dim, model, bm25))
+        return infos
+    except MilvusException as exc:
+        raise RagAppError(
+            f"Milvus at {cfg.milvus.uri} refused the request: {exc.message}"
+        ) from None
+    finally:
+        if hasattr(client, "close"):
+            client.close()
+
+
+def drop_collection(cfg: RagConfig, name: str) -> None:
+    """Delete a collection and all its rows; a name that does not exist is an error."""
+    client = _connect(cfg)
+    try:
+        if not client.has_collection(name):
+            raise RagAppError(
+                f"no collection {name!r} at {cfg.milvus.uri} (see rag-app collections)"
+            )
+        client.drop_collection(name)
+    finally:
+        if hasattr(client, "close"):
+            client.close()
