@@ -133,11 +133,14 @@ def test_nothing_relevant_enough_abstains_without_asking_the_llm(
     assert sent_prompts == []
 
 
-def test_a_relevant_question_passes_the_relevance_gate(session_cfg, session_index, local_llm):
+def test_a_relevant_question_passes_the_relevance_gate(
+    session_cfg, session_index, local_llm, engine_inputs
+):
     gated = session_cfg.model_copy(deep=True)
     gated.retrieval.abstain_below = 0.3
     response = build_query_engine(gated, index=session_index, llm=local_llm).query(HNSW_QUESTION)
     assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+    assert len(engine_inputs) == 1  # past the gate, the model was asked
     assert response.metadata["abstained"] is is_abstention(str(response))
 
 

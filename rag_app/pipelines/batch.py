@@ -21,15 +21,15 @@ from llama_index.core.vector_stores.types import MetadataFilters
 from rag_app.components.llm import ChatTemplateVllm, build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.config import RagConfig
-from rag_app.pipelines.citations import check_citations, number_excerpts
+from rag_app.pipelines.citations import check_citations
 from rag_app.pipelines.query import (
-    CHUNK_SEPARATOR,
     build_index,
     build_query_engine,
+    excerpts_best_last,
     is_abstention,
     sources_str,
 )
-from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, quote_as_data
+from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT
 
 
 @dataclass
@@ -67,11 +67,10 @@ def answer_many(
     started = time.perf_counter()
 
     def ask(question: str) -> Answer:
-        response = engine.query(question)
-        text, cited = check_citations(str(response).strip(), len(response.source_nodes))
+        response = engine.query(question)  # its answer's citations are checked already
         return Answer(
-            question, text, list(response.source_nodes), time.perf_counter() - started,
-            citations=cited,
+            question, str(response).strip(), list(response.source_nodes),
+            time.perf_counter() - started, citations=(response.metadata or {})["citations"],
         )  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -109,12 +108,9 @@ def grounded_prompt(llm: ChatTemplateVllm, question: str, nodes: Sequence[NodeWi
     not leave room for the answer, the least relevant excerpts are left out.
     """
     budget = llm.context_window - llm.max_new_tokens
-    texts = [quote_as_data(n.node.get_content(metadata_mode=MetadataMode.LLM)) for n in nodes]
-    numbered = number_excerpts(texts)
+    texts = [n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes]
     for keep in range(len(nodes), 0, -1):
-        context = "\n\n".join(
-            CHUNK_SEPARATOR.lstrip("\n") + text for text in reversed(numbered[:keep])
-        )
+        context = "\n\n".join(excerpts_best_last(texts[:keep]))
         messages = GROUNDED_QA_PROMPT.format_messages(
             sources_str=sources_str(nodes[:keep]), context_str=context, query_str=question
         )

@@ -73,9 +73,14 @@ class GroundedSynthesizer(CompactAndRefine):
         return _checked(response, len(nodes))
 
     def _make_compact_text_chunks(self, query_str: str, text_chunks: Sequence[str]) -> list[str]:
-        numbered = number_excerpts([quote_as_data(chunk) for chunk in text_chunks])
-        best_last = [CHUNK_SEPARATOR.lstrip("\n") + chunk for chunk in reversed(numbered)]
-        return super()._make_compact_text_chunks(query_str, best_last)
+        return super()._make_compact_text_chunks(query_str, excerpts_best_last(text_chunks))
+
+
+def excerpts_best_last(texts: Sequence[str]) -> list[str]:
+    """Retrieved texts (best first) as the prompt shows them: quoted as data, numbered as
+    the sources are, separated, and in reverse so the best sits next to the question."""
+    numbered = number_excerpts([quote_as_data(text) for text in texts])
+    return [CHUNK_SEPARATOR.lstrip("\n") + text for text in reversed(numbered)]
 
 
 def _prompt_helper(llm: LLM) -> PromptHelper:
