@@ -5,7 +5,7 @@ LlamaIndex application can use them without knowing about rag_app's configuratio
 """
 
 from rag_app.components.embedding import build_embed_model
-from rag_app.components.llm import ChatTemplateVllm, build_llm
+from rag_app.components.llm import AsyncEngineVllm, build_llm
 from rag_app.components.retrieval import build_retriever, parse_filters
 from rag_app.components.vector_store import build_storage_context, build_vector_store
 from rag_app.config import RagConfig, load_config
@@ -15,7 +15,7 @@ from rag_app.pipelines.ingest import IngestReport, ingest_path
 from rag_app.pipelines.query import build_index, build_query_engine
 
 __all__ = [
-    "ChatTemplateVllm",
+    "AsyncEngineVllm",
     "IngestReport",
     "RagAppError",
     "RagConfig",

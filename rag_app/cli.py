@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     query.add_argument("--json", action="store_true", help="print one JSON object")
     query.add_argument(
-        "--stream", action="store_true", help="print tokens as they arrive (llm.mode = server)"
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="print tokens as they arrive (default: on when printing to a terminal)",
     )
 
     chat = commands.add_parser(
@@ -187,8 +189,15 @@ def _chat(args: argparse.Namespace) -> int:
                 continue
             if not message:
                 continue
-            response = engine.chat(message)
-            print(f"assistant> {str(response).strip()}")
+            if sys.stdout.isatty():  # tokens as they arrive
+                print("assistant> ", end="", flush=True)
+                response = engine.stream_chat(message)
+                for token in response.response_gen:
+                    print(token, end="", flush=True)
+                print()
+            else:
+                response = engine.chat(message)
+                print(f"assistant> {str(response).strip()}")
             for number, node in enumerate(response.source_nodes, 1):
                 score = None if node.score is None else round(float(node.score), 4)
                 print(f"  [{number}] {node_source(node)}  (score {score})")
@@ -250,15 +259,14 @@ def _query(args: argparse.Namespace) -> int:
         raise RagAppError("give a question or --file FILE, not both")
     if args.file is not None:
         return _query_file(cfg, args, filters)
-    if args.stream and cfg.llm.mode != "server":
-        raise RagAppError("--stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)")
+    stream = args.stream if args.stream is not None else sys.stdout.isatty() and not args.json
     llm = build_llm(cfg)
     try:
         engine = build_query_engine(
-            cfg, llm=llm, top_k=args.top_k, filters=filters, streaming=args.stream
+            cfg, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
         )
         response = engine.query(args.question)
-        if args.stream:
+        if stream:
             parts = []
             for token in response.response_gen:  # type: ignore[union-attr]
                 parts.append(token)
@@ -272,13 +280,15 @@ def _query(args: argparse.Namespace) -> int:
         if callable(close):
             close()
     sources = _sources(response)
-    answer, cited = check_citations(answer, len(sources))
+    printed, (answer, cited) = answer, check_citations(answer, len(sources))
     abstained = not sources or is_abstention(answer)
     if args.json:
         result = {"answer": answer, "abstained": abstained, "citations": cited, "sources": sources}
         print(json.dumps(result))
         return 0
-    print("" if args.stream else answer)
+    print("" if stream else answer)
+    if stream and printed != answer:  # already on screen: flag what the check removed
+        print("(citations to no listed source were printed above; ignore them)")
     print("\nSources:" if sources else "\nSources: none relevant enough")
     for number, source in enumerate(sources, 1):
         print(f"  [{number}] {source['source']}  (score {source['score']})")

@@ -168,14 +168,16 @@ def test_cli_chat_answers_each_turn_with_sources_and_exits_on_end_of_input(vllm_
     assert lines[-1] == "(conversation forgotten)"
 
 
-def test_cli_refuses_stream_in_local_mode_in_one_line(tmp_path):
+def test_cli_refuses_stream_with_a_question_file_in_one_line(tmp_path):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What is HNSW?\n")
     env = {**os.environ, "RAG_APP_MILVUS__URI": str(tmp_path / "x.db")}
     result = subprocess.run(
-        [sys.executable, "-m", "rag_app.cli", "--config", str(PROFILE), "query", "q", "--stream"],
+        [sys.executable, "-m", "rag_app.cli", "--config", str(PROFILE), "query",
+         "--file", str(questions), "--stream"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == "rag-app: error: --stream needs llm.mode = 'server' (a vLLM OpenAI-compatible server)"
+    assert result.stderr.strip() == (
+        "rag-app: error: --stream answers one question; drop it with --file"
     )

@@ -9,6 +9,7 @@ neighbours of one document, rerank with a cross-encoder, and cut to ``top_k``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +79,14 @@ class PostprocessedRetriever(BaseRetriever):
         nodes = self.retriever.retrieve(query_bundle)
         for stage in self.postprocessors:
             nodes = stage.postprocess_nodes(nodes, query_bundle)
+        return nodes
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        """Search Milvus without blocking the event loop; the postprocessors (model and
+        Milvus calls among them) run in a worker thread."""
+        nodes = await self.retriever.aretrieve(query_bundle)
+        for stage in self.postprocessors:
+            nodes = await asyncio.to_thread(stage.postprocess_nodes, nodes, query_bundle)
         return nodes
 
 

@@ -7,7 +7,9 @@ silently mixing incomparable vectors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
-from pymilvus import MilvusClient, MilvusException
+from pydantic import PrivateAttr
+from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
 
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
@@ -38,25 +41,67 @@ class RagMilvusVectorStore(MilvusVectorStore):
     Lite refuses ("only drop_ratio_search=0 is supported"); 0 (drop nothing, exact BM25)
     works on Lite and on servers. Lite also reports BM25 scores negated (best first, but
     -3.1 before -1.5); scores are returned as BM25 defines them, positive.
+
+    Its async methods work from any event loop: pymilvus's async client is bound to the
+    loop it first ran on, and the base class's single client fails with "Event loop is
+    closed" once that loop is gone (a second ``asyncio.run``); here each running loop gets
+    a client of its own.
     """
+
+    _connection: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncMilvusClient] = (
+        PrivateAttr(default_factory=weakref.WeakKeyDictionary)
+    )
+
+    def __init__(self, *, uri: str, token: str = "", **kwargs: Any) -> None:
+        super().__init__(uri=uri, token=token, **kwargs)
+        self._connection = {"uri": uri, "token": token}
+
+    @property
+    def aclient(self) -> AsyncMilvusClient:
+        loop = asyncio.get_running_loop()
+        client = self._loop_clients.get(loop)
+        if client is None:
+            client = self._loop_clients[loop] = AsyncMilvusClient(**self._connection)
+        return client
 
     def _sparse_search(
         self, query: VectorStoreQuery, string_expr: str, output_fields: list[str], **kwargs: Any
     ) -> tuple[list[BaseNode], list[float], list[str]]:
         if not isinstance(self.sparse_embedding_function, BM25BuiltInFunction):
             return super()._sparse_search(query, string_expr, output_fields, **kwargs)  # type: ignore[no-any-return]
-        res = self.client.search(
-            collection_name=self.collection_name,
-            data=[query.query_str],
-            anns_field=self.sparse_embedding_field,
-            limit=query.similarity_top_k,
-            filter=string_expr,
-            output_fields=output_fields,
-            search_params={"params": {"drop_ratio_search": 0.0}},
-            partition_names=kwargs.get("milvus_partition_names"),
-        )
+        res = self.client.search(**_bm25_search(self, query, string_expr, output_fields, kwargs))
         nodes, scores, ids = self._parse_from_milvus_results(res)
         return nodes, [abs(score) for score in scores], ids
+
+    async def _async_sparse_search(
+        self, query: VectorStoreQuery, string_expr: str, output_fields: list[str], **kwargs: Any
+    ) -> tuple[list[BaseNode], list[float], list[str]]:
+        if not isinstance(self.sparse_embedding_function, BM25BuiltInFunction):
+            return await super()._async_sparse_search(query, string_expr, output_fields, **kwargs)  # type: ignore[no-any-return]
+        search = _bm25_search(self, query, string_expr, output_fields, kwargs)
+        res = await self.aclient.search(**search)
+        nodes, scores, ids = self._parse_from_milvus_results(res)
+        return nodes, [abs(score) for score in scores], ids
+
+
+def _bm25_search(
+    store: MilvusVectorStore,
+    query: VectorStoreQuery,
+    string_expr: str,
+    output_fields: list[str],
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "collection_name": store.collection_name,
+        "data": [query.query_str],
+        "anns_field": store.sparse_embedding_field,
+        "limit": query.similarity_top_k,
+        "filter": string_expr,
+        "output_fields": output_fields,
+        "search_params": {"params": {"drop_ratio_search": 0.0}},
+        "partition_names": kwargs.get("milvus_partition_names"),
+    }
 
 
 def _connect(cfg: RagConfig) -> MilvusClient:

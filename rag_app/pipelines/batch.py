@@ -18,7 +18,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.schema import MetadataMode, NodeWithScore
 from llama_index.core.vector_stores.types import MetadataFilters
 
-from rag_app.components.llm import ChatTemplateVllm, build_llm
+from rag_app.components.llm import AsyncEngineVllm, build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.config import RagConfig
 from rag_app.pipelines.citations import check_citations
@@ -59,7 +59,7 @@ def answer_many(
     """Answer ``questions`` together; answers come back in the questions' order."""
     index = index or build_index(cfg)
     llm = llm or build_llm(cfg)
-    if isinstance(llm, ChatTemplateVllm):
+    if isinstance(llm, AsyncEngineVllm):
         retriever = build_retriever(cfg, index, top_k=top_k, filters=filters)
         retrieved = [retriever.retrieve(question) for question in questions]
         return generate_batch(llm, questions, retrieved)
@@ -78,7 +78,7 @@ def answer_many(
 
 
 def generate_batch(
-    llm: ChatTemplateVllm, questions: Sequence[str], retrieved: Sequence[list[NodeWithScore]]
+    llm: AsyncEngineVllm, questions: Sequence[str], retrieved: Sequence[list[NodeWithScore]]
 ) -> list[Answer]:
     """One engine call for all the questions that retrieved something relevant."""
     prompts = {
@@ -101,7 +101,7 @@ def generate_batch(
     return answers
 
 
-def grounded_prompt(llm: ChatTemplateVllm, question: str, nodes: Sequence[NodeWithScore]) -> str:
+def grounded_prompt(llm: AsyncEngineVllm, question: str, nodes: Sequence[NodeWithScore]) -> str:
     """The grounded prompt, rendered with the chat template, within the model's window.
 
     The same prompt the query engine sends (numbered excerpts, best last); when it would
