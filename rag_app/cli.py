@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -94,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     collections.add_argument("--drop", metavar="NAME", help="delete a collection and its data")
     collections.add_argument("--yes", action="store_true", help="confirm --drop")
+    collections.add_argument(
+        "--describe", metavar="NAME", help="print one collection's settings as JSON"
+    )
 
     evaluate = commands.add_parser(
         "eval", parents=[common], help="score retrieval against a QA file (JSON lines)"
@@ -132,10 +136,20 @@ def _collections(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no collections at {cfg.milvus.uri}")
         return 0
-    print(f"{'collection':<28}{'chunks':>8}{'dim':>6}  {'bm25':<5} embedding model")
+    if args.describe:
+        info = next((i for i in infos if i.name == args.describe), None)
+        if info is None:
+            raise RagAppError(f"no collection {args.describe!r} at {cfg.milvus.uri}")
+        print(json.dumps(dataclasses.asdict(info), indent=2))
+        return 0
+    print(f"{'collection':<28}{'chunks':>8}{'dim':>6}  {'bm25':<5} {'index':<14} embedding model")
     for info in infos:
         bm25 = "yes" if info.bm25 else "no"
-        print(f"{info.name:<28}{info.rows:>8}{info.dim or '-':>6}  {bm25:<5} {info.model or '-'}")
+        index = f"{info.index_type or '-'}/{info.metric or '-'}"
+        print(
+            f"{info.name:<28}{info.rows:>8}{info.dim or '-':>6}  {bm25:<5} {index:<14} "
+            f"{info.model or '-'}"
+        )
     return 0
 
 

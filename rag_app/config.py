@@ -38,6 +38,19 @@ class MilvusSettings(_Section):
     # New collections get a BM25 sparse field computed by Milvus from the chunk text, so
     # retrieval.mode can be switched to "hybrid" or "sparse" without re-ingesting.
     bm25: bool = True
+    # The dense index, built when a collection is created. FLAT is exact search, right for
+    # Milvus Lite and small collections; servers usually want HNSW (or IVF_FLAT, DISKANN).
+    index_type: Literal[
+        "FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "SCANN", "DISKANN", "AUTOINDEX"
+    ] = "FLAT"
+    index_params: dict[str, Any] = Field(
+        default_factory=dict
+    )  # e.g. {M = 16, efConstruction = 200}
+    search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {ef = 64}, {nprobe = 16}
+    # Embeddings are unit-normalised, so IP and COSINE rank alike; IP skips a normalisation.
+    metric: Literal["IP", "COSINE"] = "IP"
+    # Seconds one Milvus call may take before it fails (pymilvus retries within it).
+    timeout: float = Field(30.0, gt=0)
 
     @property
     def is_lite(self) -> bool:

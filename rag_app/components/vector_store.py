@@ -12,7 +12,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,9 @@ def build_vector_store(
                 collection_name=settings.collection,
                 dim=dim,
                 embedding_field=EMBEDDING_FIELD,
-                similarity_metric="IP",
+                similarity_metric=settings.metric,
+                index_config={"index_type": settings.index_type, **settings.index_params},
+                search_config=dict(settings.search_params),
                 consistency_level=settings.consistency_level,
                 upsert_mode=True,
                 overwrite=False,
@@ -239,18 +241,40 @@ class CollectionInfo:
     dim: int | None
     model: str | None
     bm25: bool
+    index_type: str | None = None
+    metric: str | None = None
+    index_params: dict[str, Any] = field(default_factory=dict)
+    consistency_level: str | None = None
+
+
+def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
+    dim, model, bm25 = _collection_facts(client, name)
+    rows = int(client.get_collection_stats(name).get("row_count", 0))
+    index: dict[str, Any] = {}
+    if EMBEDDING_FIELD in client.list_indexes(name):
+        index = dict(client.describe_index(name, EMBEDDING_FIELD))
+    params = {
+        key: value
+        for key, value in index.items()
+        if key not in {"index_type", "metric_type", "field_name", "index_name", "state"}
+        and not key.endswith(("_rows", "_count"))
+    }
+    level = client.describe_collection(name).get("consistency_level")
+    return CollectionInfo(
+        name, rows, dim, model, bm25, index.get("index_type"), index.get("metric_type"),
+        params, _CONSISTENCY_NAMES.get(level, None if level is None else str(level)),
+    )  # fmt: skip
+
+
+_CONSISTENCY_NAMES = {0: "Strong", 1: "Session", 2: "Bounded", 3: "Eventually"}
 
 
 def list_collections(cfg: RagConfig) -> list[CollectionInfo]:
-    """Every collection at ``milvus.uri``, with its size and what embedded it."""
+    """Every collection at ``milvus.uri``: size, what embedded it, its index and search
+    consistency."""
     client = _connect(cfg)
     try:
-        infos = []
-        for name in sorted(client.list_collections()):
-            dim, model, bm25 = _collection_facts(client, name)
-            rows = int(client.get_collection_stats(name).get("row_count", 0))
-            infos.append(CollectionInfo(name, rows, dim, model, bm25))
-        return infos
+        return [_collection_info(client, name) for name in sorted(client.list_collections())]
     except MilvusException as exc:
         raise RagAppError(
             f"Milvus at {cfg.milvus.uri} refused the request: {exc.message}"
