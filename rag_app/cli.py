@@ -8,11 +8,12 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, redact_uri
 
 
 def _quiet_libraries() -> None:
@@ -20,6 +21,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # pymilvus logs a traceback for every failed call, retried or not; rag_app reports
+    # retries as warnings and a final failure as one line.
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=argparse.SUPPRESS,
         help="settings file (default: $RAG_APP_CONFIG, else ./config.toml)",
+    )
+    common.add_argument(
+        "--secrets",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="NAME=value lines: RAG_APP_MILVUS__TOKEN, RAG_APP_LLM__API_KEY, HF_TOKEN "
+        "(default: $RAG_APP_SECRETS_FILE); the environment overrides them",
     )
     common.add_argument(
         "--collection",
@@ -112,12 +123,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args: argparse.Namespace, **overrides: Any) -> Any:
-    """The settings, with ``--config`` and ``--collection`` applied."""
+    """The settings, with ``--config``, ``--secrets`` and ``--collection`` applied."""
     from rag_app.config import load_config
 
     if hasattr(args, "collection"):
         overrides["milvus__collection"] = args.collection
-    return load_config(getattr(args, "config", None), **overrides)
+    secrets = getattr(args, "secrets", None)
+    return load_config(getattr(args, "config", None), secrets_file=secrets, **overrides)
 
 
 def _collections(args: argparse.Namespace) -> int:
@@ -134,12 +146,13 @@ def _collections(args: argparse.Namespace) -> int:
         return 0
     infos = list_collections(cfg)
     if not infos:
-        print(f"no collections at {cfg.milvus.uri}")
+        print(f"no collections at {redact_uri(cfg.milvus.uri)}")
         return 0
     if args.describe:
         info = next((i for i in infos if i.name == args.describe), None)
         if info is None:
-            raise RagAppError(f"no collection {args.describe!r} at {cfg.milvus.uri}")
+            uri = redact_uri(cfg.milvus.uri)
+            raise RagAppError(f"no collection {args.describe!r} at {uri}")
         print(json.dumps(dataclasses.asdict(info), indent=2))
         return 0
     print(f"{'collection':<28}{'chunks':>8}{'dim':>6}  {'bm25':<5} {'index':<14} embedding model")
@@ -183,6 +196,12 @@ def _chat(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise RagAppError(f"--top-k must be at least 1, got {args.top_k}")
     llm = build_llm(cfg)
+    thread_hook = threading.excepthook
+    # LlamaIndex re-raises a failed stream in its history-writer thread too, which would
+    # print a traceback: the same error reaches this thread, and is reported in one line.
+    threading.excepthook = lambda hook_args: (
+        None if isinstance(hook_args.exc_value, RagAppError) else thread_hook(hook_args)
+    )
     try:
         engine = build_chat_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
         interactive = sys.stdin.isatty()
@@ -203,20 +222,29 @@ def _chat(args: argparse.Namespace) -> int:
                 continue
             if not message:
                 continue
-            if sys.stdout.isatty():  # tokens as they arrive
-                print("assistant> ", end="", flush=True)
-                response = engine.stream_chat(message)
-                for token in response.response_gen:
-                    print(token, end="", flush=True)
-                print()
-            else:
-                response = engine.chat(message)
-                print(f"assistant> {str(response).strip()}")
+            try:
+                if sys.stdout.isatty():  # tokens as they arrive
+                    print("assistant> ", end="", flush=True)
+                    try:
+                        response = engine.stream_chat(message)
+                        for token in response.response_gen:
+                            print(token, end="", flush=True)
+                    finally:
+                        print()  # also ends an answer that was cut short
+                else:
+                    response = engine.chat(message)
+                    print(f"assistant> {str(response).strip()}")
+            except RagAppError as exc:  # e.g. the vLLM server is down: keep the conversation
+                if not interactive:
+                    raise
+                print(f"rag-app: error: {exc}", file=sys.stderr, flush=True)
+                continue
             for number, node in enumerate(response.source_nodes, 1):
                 score = None if node.score is None else round(float(node.score), 4)
                 print(f"  [{number}] {node_source(node)}  (score {score})")
             print(flush=True)
     finally:
+        threading.excepthook = thread_hook
         close = getattr(llm, "close", None)
         if callable(close):
             close()
@@ -282,10 +310,15 @@ def _query(args: argparse.Namespace) -> int:
         response = engine.query(args.question)
         if stream:
             parts = []
-            for token in response.response_gen:  # type: ignore[union-attr]
-                parts.append(token)
-                if not args.json:
-                    print(token, end="", flush=True)
+            try:
+                for token in response.response_gen:  # type: ignore[union-attr]
+                    parts.append(token)
+                    if not args.json:
+                        print(token, end="", flush=True)
+            except RagAppError:  # e.g. the server closed the stream: end the partial line
+                if parts and not args.json:
+                    print(flush=True)
+                raise
             answer = "".join(parts).strip()
         else:
             answer = str(response).strip()

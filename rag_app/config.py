@@ -1,29 +1,54 @@
 """Typed settings: a TOML file, overridden by ``RAG_APP_<SECTION>__<KEY>`` variables and Python.
 
 Precedence, lowest to highest: the code defaults below (the same values as the shipped
-``config.toml``), the TOML file, environment variables, keyword overrides to :func:`load_config`.
+``config.toml``), the TOML file, a dotenv-style secrets file (``$RAG_APP_SECRETS_FILE`` or
+``--secrets``), environment variables, keyword overrides to :func:`load_config`.
 Relative paths written in a TOML file are resolved from that file's directory, so a profile
 such as ``configs/cpu-small.toml`` works whatever the working directory is.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from rag_app.errors import RagAppError
+from rag_app.errors import MASK, RagAppError, register_secret
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "RAG_APP_"
 CONFIG_ENV = "RAG_APP_CONFIG"
+SECRETS_ENV = "RAG_APP_SECRETS_FILE"
 DEFAULT_CONFIG_NAME = "config.toml"
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "grpcs://", "unix:")
+# Set in os.environ from the secrets file (where not already set), for huggingface_hub.
+_EXPORTED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_SECRET_KEYS = {"token", "api_key"}  # SecretStr settings: never echoed in error messages
+_SECRET_NAME = re.compile(r"(TOKEN|KEY|PASSWORD|SECRET)$", re.IGNORECASE)
 
 
 class _Section(BaseModel):
@@ -51,6 +76,25 @@ class MilvusSettings(_Section):
     metric: Literal["IP", "COSINE"] = "IP"
     # Seconds one Milvus call may take before it fails (pymilvus retries within it).
     timeout: float = Field(30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token_from_uri(cls, data: Any) -> Any:
+        """Credentials in a server uri (``https://user:pass@host``) become the token unless
+        one is set, as pymilvus would use them; ``_uri_without_credentials`` drops them."""
+        if isinstance(data, dict) and isinstance(data.get("uri"), str):
+            credentials = split_uri_credentials(data["uri"])[1]
+            token = data.get("token")
+            is_set = token.get_secret_value() if isinstance(token, SecretStr) else token
+            if credentials is not None and not is_set:
+                data = {**data, "token": SecretStr(credentials)}
+        return data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_without_credentials(cls, uri: str) -> str:
+        """The uri is shown in messages and logged by pymilvus: no secret may be in it."""
+        return split_uri_credentials(uri)[0]
 
     @property
     def is_lite(self) -> bool:
@@ -135,6 +179,9 @@ class LLMSettings(_Section):
     dtype: str = "bfloat16"
     seed: int | None = 415
     request_timeout: float = Field(120.0, gt=0)
+    # Server mode: retries (with exponential backoff) of a request that could not connect,
+    # timed out or got 429/5xx before any of the answer arrived; a broken stream is not.
+    max_retries: int = Field(2, ge=0, le=10)
     engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"gpu_memory_utilization": 0.85})
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -148,7 +195,20 @@ class LLMSettings(_Section):
         return self
 
 
+def split_uri_credentials(uri: str) -> tuple[str, str | None]:
+    """A server uri without its ``user:password@``, and those credentials (None if none)."""
+    if not uri.startswith(_SERVER_SCHEMES[:-1]):
+        return uri, None
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return uri, None
+    user, _, password = userinfo.partition(":")
+    return parts._replace(netloc=host).geturl(), f"{user}:{password}" if password else user
+
+
 _toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
+_secrets_file: ContextVar[Path | None] = ContextVar("_secrets_file", default=None)
 
 
 class _TomlValues(PydanticBaseSettingsSource):
@@ -189,7 +249,16 @@ class RagConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlValues(settings_cls))
+        secrets = _secrets_file.get()
+        sources = [init_settings, env_settings]
+        if secrets is not None:
+            # Only RAG_APP_* names of real settings; other lines (HF_TOKEN) are not settings.
+            sources.append(
+                DotEnvSettingsSource(
+                    settings_cls, env_file=secrets, dotenv_filtering="only_existing"
+                )
+            )
+        return (*sources, _TomlValues(settings_cls))
 
 
 def _looks_like_path(value: str) -> bool:
@@ -254,7 +323,9 @@ def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
-def _describe(error: Any, file: str, overrides: dict[str, Any]) -> str:
+def _describe(
+    error: Any, file: str, overrides: dict[str, Any], secrets: tuple[Path, set[str]] | None = None
+) -> str:
     """One line naming the key, where its value came from, and what is wrong with it."""
     loc = tuple(error["loc"])
     key = ".".join(str(part) for part in loc)
@@ -263,13 +334,25 @@ def _describe(error: Any, file: str, overrides: dict[str, Any]) -> str:
         where = "the keyword overrides"
     elif env_name in _env_upper():
         where = f"environment variable {env_name}"
+    elif secrets is not None and env_name in secrets[1]:
+        where = f"secrets file {secrets[0]} ({env_name})"
     else:
         where = file or "the built-in defaults"
     if error["type"] == "extra_forbidden":
         section = error["loc"][0] if len(error["loc"]) > 1 else None
         valid = _valid_keys(str(section)) if section else ", ".join(RagConfig.model_fields)
         return f"unknown setting {key!r} in {where}; valid keys there: {valid}"
-    return f"invalid setting {key!r} in {where}: {error['msg']} (got {error.get('input')!r})"
+    shown = _masked(error.get("input"), str(loc[-1]) if loc else "")
+    return f"invalid setting {key!r} in {where}: {error['msg']} (got {shown!r})"
+
+
+def _masked(value: Any, key: str) -> Any:
+    """An invalid input as it may be shown: secret settings in it masked."""
+    if key.lower() in _SECRET_KEYS:
+        return MASK
+    if isinstance(value, dict):
+        return {name: _masked(item, str(name)) for name, item in value.items()}
+    return value
 
 
 def _env_upper() -> set[str]:
@@ -284,7 +367,72 @@ def _valid_keys(section: str) -> str:
     return ", ".join(RagConfig.model_fields)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> RagConfig:
+def _read_secrets(path: Path) -> dict[str, str]:
+    """The secrets file's ``NAME=value`` lines, checked: a missing or unreadable file, or an
+    unknown ``RAG_APP_`` name (a typo would silently leave a token unset), is an error."""
+    fix = f"pass --secrets FILE or set {SECRETS_ENV} to a readable file of NAME=value lines"
+    if not path.is_file():
+        raise RagAppError(f"secrets file not found: {path} ({fix})")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            values = {name: value or "" for name, value in dotenv_values(stream=fh).items()}
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise RagAppError(f"cannot read secrets file {path}: {reason} ({fix})") from None
+    sections = ", ".join(name for name in RagConfig.model_fields if name != "source")
+    for name, value in values.items():
+        if _SECRET_NAME.search(name):
+            register_secret(value)
+        head = name.upper().removeprefix(ENV_PREFIX).partition("__")[0].lower()
+        if name.upper().startswith(ENV_PREFIX) and head not in RagConfig.model_fields:
+            raise RagAppError(
+                f"unknown setting {name} in secrets file {path}; names there are "
+                f"{ENV_PREFIX}<SECTION>__<KEY> (sections: {sections}) "
+                f"or {', '.join(_EXPORTED_SECRETS)}"
+            )
+    return values
+
+
+def _secrets_path(secrets_file: str | os.PathLike[str] | None) -> Path | None:
+    if secrets_file is not None:
+        return Path(secrets_file).expanduser()
+    if os.environ.get(SECRETS_ENV):
+        return Path(os.environ[SECRETS_ENV]).expanduser()
+    return None
+
+
+def _warn_if_exposed(file: Path, data: dict[str, Any]) -> None:
+    """A secret written in a config file that every user can read deserves a warning."""
+    milvus, llm = data.get("milvus"), data.get("llm")
+    held = [
+        key
+        for key, section, name in (
+            ("milvus.token", milvus, "token"),
+            ("llm.api_key", llm, "api_key"),
+        )
+        if isinstance(section, dict) and section.get(name)
+    ]
+    if held and file.stat().st_mode & 0o004:
+        log.warning(
+            "config file %s holds %s and is readable by every user: chmod 600 it, or move the "
+            "secret to the environment or a secrets file (%s)",
+            file, " and ".join(held), SECRETS_ENV,
+        )  # fmt: skip
+
+
+def _register_secrets(cfg: RagConfig) -> None:
+    register_secret(cfg.milvus.token.get_secret_value())
+    register_secret(cfg.llm.api_key.get_secret_value())
+    for name in _EXPORTED_SECRETS:
+        register_secret(os.environ.get(name, ""))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    secrets_file: str | os.PathLike[str] | None = None,
+    **overrides: Any,
+) -> RagConfig:
     """Load settings from ``path`` (or ``$RAG_APP_CONFIG``, or ``./config.toml``).
 
     Keyword overrides take precedence over everything and may be nested dicts
@@ -292,22 +440,38 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     the environment variable names. A missing file that was not named explicitly means
     the built-in defaults; a named file that is missing, a syntax error, an unknown key
     or a wrong type raises :class:`RagAppError` with a one-line message.
+
+    ``secrets_file`` (or ``$RAG_APP_SECRETS_FILE``) names a dotenv-style file of
+    ``RAG_APP_<SECTION>__<KEY>=value`` lines, between the TOML file and the environment in
+    precedence; its ``HF_TOKEN`` is set in ``os.environ`` for huggingface_hub unless the
+    environment already has one.
     """
     file, named = _config_path(path)
     data: dict[str, Any] = {}
     if file.is_file():
         data = _read_toml(file)
         _resolve_paths(data, file.resolve().parent)
+        _warn_if_exposed(file, data)
     elif named:
         raise RagAppError(f"config file not found: {file} (pass --config FILE or set {CONFIG_ENV})")
+    secrets_path = _secrets_path(secrets_file)
+    secrets = _read_secrets(secrets_path) if secrets_path is not None else {}
     nested = _nest(overrides)
     token = _toml_values.set(data)
+    secrets_token = _secrets_file.set(secrets_path)
     try:
         cfg = RagConfig(**nested)
     except ValidationError as exc:
         origin = str(file) if file.is_file() else ""
-        raise RagAppError(_describe(exc.errors()[0], origin, nested)) from None
+        names = {name.upper() for name in secrets}
+        where = (secrets_path, names) if secrets_path is not None else None
+        raise RagAppError(_describe(exc.errors()[0], origin, nested, where)) from None
     finally:
         _toml_values.reset(token)
+        _secrets_file.reset(secrets_token)
+    for name in _EXPORTED_SECRETS:
+        if secrets.get(name) and name not in os.environ:
+            os.environ[name] = secrets[name]
+    _register_secrets(cfg)
     cfg.source = str(file.resolve()) if file.is_file() else ""
     return cfg

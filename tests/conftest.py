@@ -3,6 +3,7 @@ one in-process vLLM engine and one ``vllm serve``-equivalent process per test se
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +64,51 @@ def small_cfg(tmp_path: Path):
     return load_config(PROFILE, milvus__uri=str(tmp_path / "milvus.db"))
 
 
+MILVUS_SERVER = REPO / "scripts" / "milvus_server.py"
+
+
+def milvus_server_command(*args: str | Path) -> str:
+    """Run scripts/milvus_server.py as a user would; returns what it printed."""
+    done = subprocess.run(
+        [sys.executable, str(MILVUS_SERVER), *map(str, args)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Milvus server process on 127.0.0.1 for the session, started and stopped with
+    scripts/milvus_server.py; yields its uri. Tests give their collections unique names."""
+    data_dir = tmp_path_factory.mktemp("milvus-server")
+    uri = milvus_server_command("start", "--data-dir", data_dir, "--port", "0")
+    pid = json.loads((data_dir / "server.json").read_text())["pid"]
+    yield uri
+    milvus_server_command("stop", "--data-dir", data_dir)
+    assert not process_running(pid), "the Milvus server outlived `stop`"
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one that no parent reaped yet is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["lite", "server"])
+def store_cfg(request: pytest.FixtureRequest, tmp_path: Path):
+    """The CPU profile on a fresh collection: in a Milvus Lite file of this test's own, then
+    on the session's Milvus server."""
+    from rag_app import load_config
+
+    if request.param == "lite":
+        return load_config(PROFILE, milvus__uri=str(tmp_path / "milvus.db"))
+    uri = request.getfixturevalue("milvus_server")
+    return load_config(PROFILE, milvus__uri=uri, milvus__collection=f"t_{uuid.uuid4().hex}")
+
+
 @pytest.fixture(scope="session")
 def embed_model():
     from rag_app import build_embed_model, load_config
@@ -100,6 +147,25 @@ def session_index(session_cfg, ingested, embed_model):
     from rag_app import build_index
 
     return build_index(session_cfg, embed_model=embed_model, vector_store=ingested[1])
+
+
+@pytest.fixture(scope="session")
+def server_slice(milvus_server, corpus_slice, embed_model):
+    """The corpus slice ingested once into a collection on the session's Milvus server."""
+    from rag_app import build_index, build_vector_store, ingest_path, load_config
+
+    cfg = load_config(PROFILE, milvus__uri=milvus_server, milvus__collection="slice")
+    store = build_vector_store(cfg, embed_model)
+    ingest_path(cfg, corpus_slice, embed_model=embed_model, vector_store=store)
+    return cfg, build_index(cfg, embed_model=embed_model, vector_store=store)
+
+
+@pytest.fixture(params=["lite", "server"])
+def slice_index(request: pytest.FixtureRequest):
+    """(config, index) over the ingested corpus slice: in the Lite file, then on the server."""
+    if request.param == "lite":
+        return request.getfixturevalue("session_cfg"), request.getfixturevalue("session_index")
+    return request.getfixturevalue("server_slice")
 
 
 @pytest.fixture(scope="session")

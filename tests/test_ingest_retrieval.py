@@ -1,4 +1,5 @@
-"""Ingestion into a real Milvus Lite file with the real MiniLM model, and retrieval from it."""
+"""Ingestion into real Milvus (a Lite file, and a server process) with the real MiniLM model,
+and retrieval from it."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def test_ingest_reports_documents_and_chunks_of_the_slice(ingested, corpus_slice
     assert max(len(r["text"]) for r in rows(store)) <= 512
 
 
-def test_the_hnsw_question_retrieves_the_in_memory_index_page_first(session_index):
-    results = session_index.as_retriever(similarity_top_k=3).retrieve(HNSW_QUESTION)
+def test_the_hnsw_question_retrieves_the_in_memory_index_page_first(slice_index):
+    results = slice_index[1].as_retriever(similarity_top_k=3).retrieve(HNSW_QUESTION)
     assert results[0].node.metadata["source"] == "reference/index.md"
     assert results[0].node.metadata["title"] == "In-memory Index"
     assert "HNSW" in results[0].node.get_content()
@@ -81,28 +82,28 @@ def test_collection_records_its_embedding_model(ingested):
     assert info["properties"]["rag_app.embedding_model"] == "all-MiniLM-L6-v2"
 
 
-def test_reingest_replaces_in_place_and_drops_stale_chunks(small_cfg, embed_model, tmp_path):
+def test_reingest_replaces_in_place_and_drops_stale_chunks(store_cfg, embed_model, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("---\ntitle: Alpha\n---\n" + "Alpha paragraph about vectors. " * 80)
     (docs / "b.txt").write_text("Bravo text about Milvus collections. " * 10)
-    store = build_vector_store(small_cfg, embed_model)
-    first = ingest_path(small_cfg, docs, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    first = ingest_path(store_cfg, docs, embed_model=embed_model, vector_store=store)
     assert first.documents == 2 and first.chunks == len(rows(store))
     a_chunks = len(rows(store, 'doc_id == "a.md"'))
     assert a_chunks > 2
 
-    ingest_path(small_cfg, docs, embed_model=embed_model, vector_store=store)
+    ingest_path(store_cfg, docs, embed_model=embed_model, vector_store=store)
     assert len(rows(store)) == first.chunks  # no duplicates
 
     (docs / "a.md").write_text("---\ntitle: Alpha\n---\nAlpha is now one short paragraph.")
-    ingest_path(small_cfg, docs, embed_model=embed_model, vector_store=store)
+    ingest_path(store_cfg, docs, embed_model=embed_model, vector_store=store)
     a_rows = rows(store, 'doc_id == "a.md"')
     assert [r["text"] for r in a_rows] == ["Alpha is now one short paragraph."]
     assert len(rows(store, 'doc_id == "b.txt"')) == first.chunks - a_chunks
 
 
-def test_html_is_reduced_to_its_text(small_cfg, embed_model, tmp_path):
+def test_html_is_reduced_to_its_text(store_cfg, embed_model, tmp_path):
     page = tmp_path / "site" / "page.html"
     page.parent.mkdir()
     page.write_text(
@@ -111,14 +112,14 @@ def test_html_is_reduced_to_its_text(small_cfg, embed_model, tmp_path):
         "<main><h1>Tuning HNSW</h1><p>Raise <b>ef</b> for better recall.</p></main>"
         "<footer>Copyright</footer></body></html>"
     )
-    store = build_vector_store(small_cfg, embed_model)
-    ingest_path(small_cfg, page.parent, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    ingest_path(store_cfg, page.parent, embed_model=embed_model, vector_store=store)
     (row,) = rows(store, fields=("text", "title", "doc_type"))
     assert row["text"] == "Tuning HNSW\nRaise ef for better recall."
     assert (row["title"], row["doc_type"]) == ("Tuning", "html")
 
 
-def test_unreadable_and_oversized_files_are_skipped_and_reported(small_cfg, embed_model, tmp_path):
+def test_unreadable_and_oversized_files_are_skipped_and_reported(store_cfg, embed_model, tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "good.md").write_text("# Good\nA readable page about partitions.")
@@ -127,8 +128,8 @@ def test_unreadable_and_oversized_files_are_skipped_and_reported(small_cfg, embe
     (docs / "empty.md").write_text("")
     (docs / "latin1.txt").write_bytes("Café crème, déjà vu.".encode("latin-1"))
     (docs / "huge.log.txt").write_bytes(b"a line of a very long server log\n" * 640_000)  # 20 MB
-    store = build_vector_store(small_cfg, embed_model)
-    report = ingest_path(small_cfg, docs, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    report = ingest_path(store_cfg, docs, embed_model=embed_model, vector_store=store)
     skipped = {Path(path).name: reason for path, reason in report.skipped}
     assert set(skipped) == {"blob.txt", "broken.pdf", "empty.md", "huge.log.txt"}
     assert "binary" in skipped["blob.txt"] and "PDF" in skipped["broken.pdf"]
@@ -187,18 +188,18 @@ def _foreign_collection(cfg, dim: int, model: str | None) -> None:
     ],
 )
 def test_a_collection_of_another_model_is_refused_and_kept(
-    small_cfg, embed_model, tmp_path, dim, model, message
+    store_cfg, embed_model, tmp_path, dim, model, message
 ):
-    _foreign_collection(small_cfg, dim, model)
+    _foreign_collection(store_cfg, dim, model)
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("Some text.")
     with pytest.raises(RagAppError, match=message):
-        ingest_path(small_cfg, docs, embed_model=embed_model)
+        ingest_path(store_cfg, docs, embed_model=embed_model)
     with pytest.raises(RagAppError, match=message):
-        build_index(small_cfg, embed_model=embed_model)
-    client = MilvusClient(uri=small_cfg.milvus.uri)
-    kept = client.query(small_cfg.milvus.collection, filter='id != ""', output_fields=["text"])
+        build_index(store_cfg, embed_model=embed_model)
+    client = MilvusClient(uri=store_cfg.milvus.uri)
+    kept = client.query(store_cfg.milvus.collection, filter='id != ""', output_fields=["text"])
     assert [r["text"] for r in kept] == ["precious"]
 
 

@@ -67,18 +67,18 @@ PAGES = {
 }
 
 
-def test_unchanged_folder_is_not_embedded_again(small_cfg, embed_model, tmp_path, embedding_calls):
+def test_unchanged_folder_is_not_embedded_again(store_cfg, embed_model, tmp_path, embedding_calls):
     folder = tmp_path / "docs"
     write_docs(folder, PAGES)
-    store = build_vector_store(small_cfg, embed_model)
-    first = ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    first = ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     assert (first.added, first.updated, first.unchanged, first.deleted) == (3, 0, 0, 0)
     assert embedding_calls.calls > 0
     before = contents(store)
 
     embedding_calls.calls = 0
     (folder / "b.md").touch()  # a new mtime alone is not a change
-    again = ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    again = ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     assert embedding_calls.calls == 0
     assert (again.added, again.updated, again.unchanged, again.deleted, again.chunks) == (
         0,
@@ -91,48 +91,48 @@ def test_unchanged_folder_is_not_embedded_again(small_cfg, embed_model, tmp_path
 
 
 def test_edits_additions_and_deletions_leave_exactly_the_folders_chunks(
-    small_cfg, embed_model, tmp_path
+    store_cfg, embed_model, tmp_path
 ):
     folder = tmp_path / "docs"
     write_docs(folder, PAGES)
-    store = build_vector_store(small_cfg, embed_model)
-    ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
 
     (folder / "a.md").write_text("---\ntitle: Alpha\n---\nAlpha is short now.")  # shrinks
     (folder / "b.md").write_text("# Bravo\n" + "Bravo grew a lot longer. " * 80)  # grows
     (folder / "c" / "d.txt").unlink()
     write_docs(folder, {"e.html": "<html><body><p>Echo page on replicas.</p></body></html>"})
-    report = ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    report = ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
 
     assert (report.added, report.updated, report.unchanged, report.deleted) == (1, 2, 0, 1)
-    assert contents(store) == fresh_contents(small_cfg, embed_model, folder, tmp_path)
+    assert contents(store) == fresh_contents(store_cfg, embed_model, folder, tmp_path)
     assert "1 added, 2 updated, 0 unchanged, 1 deleted" in report.summary()
 
 
-def test_no_delete_keeps_documents_gone_from_the_folder(small_cfg, embed_model, tmp_path):
+def test_no_delete_keeps_documents_gone_from_the_folder(store_cfg, embed_model, tmp_path):
     folder = tmp_path / "docs"
     write_docs(folder, PAGES)
-    store = build_vector_store(small_cfg, embed_model)
-    ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     (folder / "b.md").unlink()
     report = ingest_path(
-        small_cfg, folder, embed_model=embed_model, vector_store=store, delete_missing=False
+        store_cfg, folder, embed_model=embed_model, vector_store=store, delete_missing=False
     )
     assert report.deleted == 0
     assert {"a.md", "b.md", "c/d.txt"} == {doc for _, doc, _ in contents(store)}
 
-    ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     assert {"a.md", "c/d.txt"} == {doc for _, doc, _ in contents(store)}
 
 
-def test_a_file_that_turns_unreadable_keeps_its_stored_chunks(small_cfg, embed_model, tmp_path):
+def test_a_file_that_turns_unreadable_keeps_its_stored_chunks(store_cfg, embed_model, tmp_path):
     folder = tmp_path / "docs"
     write_docs(folder, PAGES)
-    store = build_vector_store(small_cfg, embed_model)
-    ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    store = build_vector_store(store_cfg, embed_model)
+    ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     before = {row for row in contents(store) if row[1] == "b.md"}
     (folder / "b.md").write_bytes(b"\x00\x00 corrupted \x00")
-    report = ingest_path(small_cfg, folder, embed_model=embed_model, vector_store=store)
+    report = ingest_path(store_cfg, folder, embed_model=embed_model, vector_store=store)
     assert [Path(p).name for p, _ in report.skipped] == ["b.md"]
     assert report.deleted == 0
     assert {row for row in contents(store) if row[1] == "b.md"} == before

@@ -29,9 +29,10 @@ def with_retrieval(cfg, **settings):
     return variant
 
 
-def test_bm25_finds_an_exact_parameter_name(session_cfg, session_index):
-    sparse = with_retrieval(session_cfg, mode="sparse", dedupe=False)
-    found = build_retriever(sparse, session_index, top_k=3).retrieve("efConstruction")
+def test_bm25_finds_an_exact_parameter_name(slice_index):
+    cfg, index = slice_index
+    sparse = with_retrieval(cfg, mode="sparse", dedupe=False)
+    found = build_retriever(sparse, index, top_k=3).retrieve("efConstruction")
     assert len(found) == 3
     assert sources(found)[0] == "reference/index.md"
     assert all("efconstruction" in n.node.get_content().lower() for n in found)
@@ -54,19 +55,18 @@ def test_hybrid_search_fuses_dense_and_bm25(session_cfg, ingested, embed_model, 
 
 
 @pytest.mark.parametrize("mode", ["dense", "hybrid"])
-def test_filters_are_evaluated_in_milvus_before_ranking(session_cfg, session_index, mode):
-    session_cfg = with_retrieval(session_cfg, mode=mode)
+def test_filters_are_evaluated_in_milvus_before_ranking(slice_index, mode):
+    index = slice_index[1]
+    cfg = with_retrieval(slice_index[0], mode=mode)
     filters = parse_filters(["source=reference/metric*", "doc_type=markdown"])
-    found = build_retriever(session_cfg, session_index, top_k=3, filters=filters).retrieve(
-        HNSW_QUESTION
-    )
+    found = build_retriever(cfg, index, top_k=3, filters=filters).retrieve(HNSW_QUESTION)
     # metric.md is nowhere near the top for this question without the filter, yet three of
     # its chunks come back: the filter ran inside the search, not on its results.
-    unfiltered = build_retriever(session_cfg, session_index, top_k=20).retrieve(HNSW_QUESTION)
+    unfiltered = build_retriever(cfg, index, top_k=20).retrieve(HNSW_QUESTION)
     assert "reference/metric.md" not in sources(unfiltered)[:3]
     assert sources(found) == ["reference/metric.md"] * 3
     by_title = parse_filters(["title=In-memory Index"])
-    assert set(sources(build_retriever(session_cfg, session_index, filters=by_title).retrieve(
+    assert set(sources(build_retriever(cfg, index, filters=by_title).retrieve(
         HNSW_QUESTION
     ))) == {"reference/index.md"}  # fmt: skip
 

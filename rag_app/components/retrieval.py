@@ -146,7 +146,7 @@ def build_postprocessors(cfg: RagConfig, top_k: int | None = None) -> list[BaseN
     """Cut-off, merging of overlapping chunks, reranking, and the final cut to ``top_k``."""
     settings = cfg.retrieval
     wanted = top_k or settings.top_k
-    stages: list[BaseNodePostprocessor] = []
+    stages: list[BaseNodePostprocessor] = [NewestVersion()]
     if settings.similarity_cutoff is not None:
         stages.append(SimilarityPostprocessor(similarity_cutoff=settings.similarity_cutoff))
     if settings.dedupe:
@@ -201,6 +201,33 @@ class RelevanceGate(BaseNodePostprocessor):
         )
         relevance = max(best.similarities or [0.0])
         return nodes if relevance >= self.threshold else []
+
+
+class NewestVersion(BaseNodePostprocessor):
+    """Chunks of one version per document: the newest written.
+
+    Re-ingesting a changed document upserts its new chunks, then deletes the old version's
+    remaining rows; a search in between can return chunks of both. Keeping the newest
+    version's means a reader sees the old document or the new one, never a mix.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "NewestVersion"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        newest: dict[str, tuple[float, str]] = {}
+        for node in nodes:
+            metadata = node.node.metadata
+            version = (float(metadata.get("written_at") or 0), str(metadata.get("doc_hash")))
+            doc = node.node.ref_doc_id or ""
+            newest[doc] = max(newest.get(doc, version), version)
+        return [
+            n for n in nodes
+            if str(n.node.metadata.get("doc_hash")) == newest[n.node.ref_doc_id or ""][1]
+        ]  # fmt: skip
 
 
 class KeepTop(BaseNodePostprocessor):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llama_index.core import StorageContext
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -27,7 +28,10 @@ from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
 
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, redact_uri
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_PROPERTY = "rag_app.embedding_model"
 EMBEDDING_FIELD = "embedding"
@@ -49,6 +53,7 @@ class RagMilvusVectorStore(MilvusVectorStore):
     """
 
     _connection: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _retry_seconds: float = PrivateAttr(default=30.0)
     _loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncMilvusClient] = (
         PrivateAttr(default_factory=weakref.WeakKeyDictionary)
     )
@@ -56,6 +61,11 @@ class RagMilvusVectorStore(MilvusVectorStore):
     def __init__(self, *, uri: str, token: str = "", **kwargs: Any) -> None:
         super().__init__(uri=uri, token=token, **kwargs)
         self._connection = {"uri": uri, "token": token}
+
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> Any:
+        """Search, retried while Milvus is unreachable (a search changes nothing)."""
+        search = super().query
+        return retrying(lambda: search(query, **kwargs), self, "search")
 
     @property
     def aclient(self) -> AsyncMilvusClient:
@@ -104,6 +114,42 @@ def _bm25_search(
     }
 
 
+def _unreachable(exc: MilvusException) -> bool:
+    """Whether the server could not be reached (as opposed to refusing the request)."""
+    message = str(exc.message).lower()
+    return exc.code == 2 or "unavailable" in message or "fail connecting" in message
+
+
+def retrying(call: Callable[[], T], store: MilvusVectorStore, what: str) -> T:
+    """``call()``, retried with backoff while Milvus is unreachable, for up to the store's
+    ``milvus.timeout`` seconds; only for calls that are safe to repeat (searches, upserts
+    by id, deletes by filter). Failures become one-line :class:`RagAppError`\\ s."""
+    budget = getattr(store, "_retry_seconds", 0.0)
+    uri = redact_uri(str(getattr(store, "_connection", {}).get("uri", "")))
+    deadline, delay = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            return call()
+        except MilvusException as exc:
+            if "state 'released'" in str(exc.message) and time.monotonic() < deadline:
+                # A restarted server holds its collections released until one is loaded.
+                with suppress(MilvusException):
+                    store.client.load_collection(store.collection_name)
+                time.sleep(0.2)
+                continue
+            if not _unreachable(exc):
+                raise RagAppError(f"Milvus at {uri} refused the {what}: {exc.message}") from None
+            if time.monotonic() + delay > deadline:
+                raise RagAppError(
+                    f"Milvus at {uri} is unreachable ({what} retried for {budget:.0f} s): "
+                    f"{exc.message} (start the server or check milvus.uri, then run the same "
+                    "command again; an interrupted ingest resumes where it stopped)"
+                ) from None
+            log.warning("Milvus at %s unreachable; retrying the %s in %.1f s", uri, what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
 def _connect(cfg: RagConfig) -> MilvusClient:
     settings = cfg.milvus
     if settings.is_lite:
@@ -112,7 +158,7 @@ def _connect(cfg: RagConfig) -> MilvusClient:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:
         raise RagAppError(
-            f"cannot connect to Milvus at {settings.uri}: {exc.message} "
+            f"cannot connect to Milvus at {redact_uri(settings.uri)}: {exc.message} "
             "(check milvus.uri and milvus.token; a Lite file is usable by one process at a time)"
         ) from None
 
@@ -152,9 +198,9 @@ def build_vector_store(
             dim, stored, bm25 = _collection_facts(client, settings.collection)
             if stored and stored != identity:
                 raise RagAppError(
-                    f"collection {settings.collection!r} at {settings.uri} was embedded with "
-                    f"{stored!r}, not {identity!r} (use another milvus.collection, or the "
-                    "model it was built with)"
+                    f"collection {settings.collection!r} at {redact_uri(settings.uri)} was "
+                    f"embedded with {stored!r}, not {identity!r} (use another "
+                    "milvus.collection, or the model it was built with)"
                 )
             model_dim = embedding_dimension(embed_model) if embed_model else dim
             if dim is not None and model_dim != dim:
@@ -190,9 +236,11 @@ def build_vector_store(
                 hybrid_ranker=ranker,
                 hybrid_ranker_params=ranker_params,
             )
+        store._retry_seconds = settings.timeout
         store.client.load_collection(settings.collection)
     except MilvusException as exc:
-        raise RagAppError(f"Milvus at {settings.uri} refused the request: {exc.message}") from None
+        uri = redact_uri(settings.uri)
+        raise RagAppError(f"Milvus at {uri} refused the request: {exc.message}") from None
     finally:
         if hasattr(client, "close"):
             client.close()
@@ -259,7 +307,8 @@ def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
         if key not in {"index_type", "metric_type", "field_name", "index_name", "state"}
         and not key.endswith(("_rows", "_count"))
     }
-    level = client.describe_collection(name).get("consistency_level")
+    described = client.describe_collection(name)
+    level = described.get("consistency_level_name") or described.get("consistency_level")
     return CollectionInfo(
         name, rows, dim, model, bm25, index.get("index_type"), index.get("metric_type"),
         params, _CONSISTENCY_NAMES.get(level, None if level is None else str(level)),
@@ -277,7 +326,7 @@ def list_collections(cfg: RagConfig) -> list[CollectionInfo]:
         return [_collection_info(client, name) for name in sorted(client.list_collections())]
     except MilvusException as exc:
         raise RagAppError(
-            f"Milvus at {cfg.milvus.uri} refused the request: {exc.message}"
+            f"Milvus at {redact_uri(cfg.milvus.uri)} refused the request: {exc.message}"
         ) from None
     finally:
         if hasattr(client, "close"):
@@ -290,7 +339,7 @@ def drop_collection(cfg: RagConfig, name: str) -> None:
     try:
         if not client.has_collection(name):
             raise RagAppError(
-                f"no collection {name!r} at {cfg.milvus.uri} (see rag-app collections)"
+                f"no collection {name!r} at {redact_uri(cfg.milvus.uri)} (see rag-app collections)"
             )
         client.drop_collection(name)
     finally:

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from rag_app.components.chunking import chunk_documents
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
 from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
-from rag_app.components.vector_store import build_vector_store, quiet_lite_timestamps
+from rag_app.components.vector_store import build_vector_store, quiet_lite_timestamps, retrying
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 LOG_EVERY_SECONDS = 10.0
 HASH_KEY = "doc_hash"
 CHUNKS_KEY = "doc_chunks"
-_BOOKKEEPING = (HASH_KEY, CHUNKS_KEY)
+WRITTEN_KEY = "written_at"  # when this version was written: readers keep the newest
+_BOOKKEEPING = (HASH_KEY, CHUNKS_KEY, WRITTEN_KEY)
 
 
 @dataclass
@@ -159,7 +161,8 @@ class _Writer:
     """Writes embedded units to Milvus on a thread of its own, so embedding never waits.
 
     For each unit: one upsert of all its chunks, then, per document, deletion of its rows
-    of other versions. A reader sees a mix of versions of a document only during that.
+    of other versions. Between the two, a search can find rows of both versions of a
+    changed document; the retriever keeps the newest (see ``retrieval.NewestVersion``).
     """
 
     def __init__(self, store: MilvusVectorStore, hashes: dict[str, str], new: set[str]) -> None:
@@ -175,10 +178,14 @@ class _Writer:
             if self._error is not None:
                 continue
             try:
-                self._store.add(unit)
+                store = self._store
+                retrying(partial(store.add, unit), store, "write")  # an upsert by chunk id
                 for doc_id in dict.fromkeys(node.ref_doc_id or "" for node in unit):
                     if doc_id not in self._new:  # a new document has no other rows
-                        _delete_other_versions(self._store, doc_id, self._hashes[doc_id])
+                        retrying(
+                            partial(_delete_other_versions, store, doc_id, self._hashes[doc_id]),
+                            store, "delete",
+                        )  # fmt: skip
                     self.documents_written += 1
             except BaseException as exc:  # re-raised in the ingesting thread
                 self._error = exc
@@ -251,7 +258,7 @@ def ingest_path(
 
     embed_model = embed_model or build_embed_model(cfg)
     store = vector_store or build_vector_store(cfg, embed_model)
-    stored = _stored_documents(store)
+    stored = retrying(lambda: _stored_documents(store), store, "read of the stored documents")
 
     pending: list[Document] = []
     hashes: dict[str, str] = {}
@@ -273,7 +280,9 @@ def ingest_path(
     remaining = Counter(node.ref_doc_id for node in nodes)
     for node in nodes:
         doc_id = node.ref_doc_id or ""
-        node.metadata.update({HASH_KEY: hashes[doc_id], CHUNKS_KEY: remaining[doc_id]})
+        node.metadata.update(
+            {HASH_KEY: hashes[doc_id], CHUNKS_KEY: remaining[doc_id], WRITTEN_KEY: time.time()}
+        )
         node.excluded_embed_metadata_keys += list(_BOOKKEEPING)
         node.excluded_llm_metadata_keys += list(_BOOKKEEPING)
 
@@ -315,7 +324,7 @@ def ingest_path(
             Path(p).relative_to(root).as_posix() for p, _ in report.skipped
         }
         gone = sorted(doc_id for doc_id in stored if doc_id not in readable_or_skipped)
-        _delete_documents(store, gone)
+        retrying(lambda: _delete_documents(store, gone), store, "delete")
         report.deleted = len(gone)
 
     report.seconds = time.perf_counter() - started
