@@ -94,13 +94,16 @@ def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeServer]:
 
 class Proxy:
     """A TCP proxy in front of the real vLLM server. With ``cut_after`` set, it forwards that
-    many bytes of a response's body, then drops both connections; ``stop()`` closes its
-    port (connection refused) and ``start()`` opens the same port again."""
+    many bytes of a response's body, then drops both connections (or, with ``stall``, sends
+    nothing more until released); ``stop()`` closes its port (connection refused) and
+    ``start()`` opens the same port again."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1].split("/")[0]))
         self.cut_after: int | None = None
         self.cuts = 0
+        self.stall = False
+        self.release = threading.Event()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._listener: socket.socket | None = None
@@ -150,6 +153,8 @@ class Proxy:
                 body += min(len(data), cut - body)
                 if body >= cut:
                     self.cuts += 1
+                    if self.stall:
+                        self.release.wait(60)
                     break
         except OSError:
             pass
@@ -173,6 +178,7 @@ def proxy(vllm_server: str) -> Iterator[Proxy]:
     proxy = Proxy(vllm_server)
     proxy.start()
     yield proxy
+    proxy.release.set()
     proxy.stop()
 
 
@@ -338,6 +344,40 @@ def test_python_stream_cut_raises_rag_app_error_and_the_same_engine_recovers(
     answer = "".join(response.response_gen)  # type: ignore[union-attr]
     assert len(answer.strip()) > len("".join(tokens).strip())
     assert response.source_nodes[0].node.metadata["source"] == "reference/index.md"
+
+
+@pytest.mark.server
+def test_a_whole_answer_lost_in_transit_is_retried_then_reported(proxy):
+    llm = build_llm(server_cfg(proxy.url, max_retries=1, max_tokens=8))
+    proxy.cut_after = 100  # of a non-streamed answer: nothing was shown, so it is retried
+    with pytest.raises(RagAppError) as caught:
+        llm.chat(MESSAGES)
+    assert proxy.cuts == 2
+    assert re.fullmatch(
+        rf"the vLLM server at {re.escape(proxy.url)} dropped the connection before answering: "
+        r"peer closed connection without sending complete message body \(received 100 bytes, "
+        r"expected \d+\) \(after 2 tries; check the server's log, and any proxy in front of it\)",
+        str(caught.value),
+    ), caught.value
+    proxy.cut_after = None
+    assert llm.chat(MESSAGES).message.content
+
+
+@pytest.mark.server
+def test_a_stream_that_stalls_is_reported_after_request_timeout(proxy):
+    llm = build_llm(server_cfg(proxy.url, request_timeout=2))
+    proxy.cut_after, proxy.stall = 1200, True
+    deltas: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(RagAppError) as caught:
+        for chunk in llm.stream_chat(MESSAGES):
+            deltas.append(chunk.delta or "")
+    assert 2.0 <= time.monotonic() - started < 10.0
+    tokens = sum(1 for d in deltas if d)
+    assert tokens >= 1 and str(caught.value) == (
+        f"the vLLM server at {proxy.url} sent nothing for 2 s after {tokens} tokens (the "
+        "answer so far is incomplete; ask again, or raise llm.request_timeout)"
+    )
 
 
 @pytest.mark.server
