@@ -31,12 +31,24 @@ import time
 from pathlib import Path
 
 DEFAULT_DIR = Path("data/milvus-server")
-# The server ignores SIGINT when started from a shell's background job; restore it so
-# that `stop` can shut it down gracefully.
-SERVE = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from milvus_lite.cmdline import main; sys.exit(main())"
-)
+# The server process: milvus-lite's `server` command, with two changes. SIGINT is restored
+# (a shell's background job starts with it ignored), so `stop` can shut it down gracefully.
+# And its gRPC server accepts pymilvus's keepalive pings (one per 10 s, even when idle), as
+# a Milvus server does; with gRPC's defaults it answers the third idle ping with GOAWAY
+# "too_many_pings", and the client's next call on that connection can fail.
+SERVE = """
+import signal, sys
+import grpc
+signal.signal(signal.SIGINT, signal.default_int_handler)
+_grpc_server = grpc.server
+def _server(*args, options=(), **kwargs):
+    options = [*options, ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+               ("grpc.http2.max_ping_strikes", 0), ("grpc.keepalive_permit_without_calls", 1)]
+    return _grpc_server(*args, options=options, **kwargs)
+grpc.server = _server
+from milvus_lite.cmdline import main
+sys.exit(main())
+"""
 
 
 class ServerError(Exception):

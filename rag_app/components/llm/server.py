@@ -1,0 +1,251 @@
+"""A vLLM OpenAI-compatible server (``llm.mode = "server"``): ``OpenAILike`` against
+``/v1/chat/completions``, where the server applies the chat template and streams tokens,
+with failures turned into one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Generator,
+    Iterator,
+    Sequence,
+)
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+)
+from llama_index.llms.openai_like import OpenAILike
+from pydantic import Field
+
+from rag_app.config import RagConfig
+from rag_app.errors import RagAppError, first_line
+
+_R = TypeVar("_R", ChatResponse, CompletionResponse)
+# What the openai client raises (APIError and its kinds), and what httpx raises while a
+# streamed body is being read (the client does not wrap those).
+_SERVER_FAULTS = (openai.APIError, httpx.HTTPError)
+_RETRIED_STATUS = {408, 409, 429}  # and 5xx: the statuses the openai client retries
+
+
+class VllmServerLLM(OpenAILike):
+    """``OpenAILike`` against a vLLM server, whose failures raise a one-line
+    :class:`RagAppError` naming the server and the fix, never the API key.
+
+    Retries are the openai client's: a request that could not connect, timed out before
+    the answer began, or got 408/409/429/5xx is sent again up to ``retries`` times, with
+    exponential backoff (about 0.5 s, 1 s, 2 s ... at most 8 s, or the server's
+    Retry-After); streams too, as long as none of the answer has arrived. LlamaIndex's
+    own retry layer (``max_retries``) stays off: it would multiply the client's tries,
+    log a warning for each, and does not cover streams. A stream that breaks after tokens
+    arrived is not retried (the caller may have shown them): the error says so.
+    """
+
+    retries: int = Field(default=2, ge=0, description="retries of a request that failed")
+
+    def _get_credential_kwargs(self, is_async: bool = False) -> dict[str, Any]:
+        return {**super()._get_credential_kwargs(is_async), "max_retries": self.retries}
+
+    def server_error(self, exc: BaseException, tokens: int | None = None) -> RagAppError:
+        """The one-line error for a failed request; ``tokens``: those a stream delivered."""
+        where = f"the vLLM server at {_without_userinfo(self.api_base or '')}"
+        tries = f"{self.retries + 1} tries" if self.retries else "1 try"
+        if isinstance(exc, openai.APITimeoutError):
+            message = (
+                f"{where} did not answer within {self.timeout:g} s (after {tries}; raise "
+                "llm.request_timeout, or check that the server is up and not overloaded)"
+            )
+        elif isinstance(exc, openai.APIConnectionError) and _dropped(exc):
+            message = (
+                f"{where} dropped the connection before answering: {_reason(exc)} (after "
+                f"{tries}; check the server's log, and any proxy in front of it)"
+            )
+        elif isinstance(exc, openai.APIConnectionError):
+            message = (
+                f"cannot reach {where}: {_reason(exc)} (after {tries}; start it, "
+                "or check llm.api_base)"
+            )
+        elif isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            retried = f", after {tries}" if status >= 500 or status in _RETRIED_STATUS else ""
+            message = (
+                f"{where} answered HTTP {status}{retried}: {_server_message(exc)} "
+                f"({_STATUS_HINTS.get(status, 'check the server log')})"
+            )
+        elif isinstance(exc, httpx.TimeoutException):  # a stream stalled
+            message = (
+                f"{where} sent nothing for {self.timeout:g} s after {tokens or 0} tokens "
+                "(the answer so far is incomplete; ask again, or raise llm.request_timeout)"
+            )
+        elif isinstance(exc, openai.APIError):  # an error event inside the stream
+            message = (
+                f"{where} stopped the stream after {tokens or 0} tokens: {_reason(exc)} "
+                "(the answer so far is incomplete; check the server log and ask again)"
+            )
+        else:  # httpx.RemoteProtocolError, ReadError ...: the connection went away
+            message = (
+                f"{where} closed the stream after {tokens or 0} tokens: {_reason(exc)} "
+                "(the answer so far is incomplete; ask again once the server is back)"
+            )
+        key = self.api_key or ""
+        if key and key != "EMPTY":
+            message = message.replace(key, "***")
+        return RagAppError(message)
+
+    @contextlib.contextmanager
+    def _faults(self) -> Iterator[None]:
+        try:
+            yield
+        except _SERVER_FAULTS as exc:
+            raise self.server_error(exc) from exc
+
+    def _guard(self, stream: Iterator[_R]) -> Generator[_R, None, None]:
+        tokens = 0
+        try:
+            for chunk in stream:
+                tokens += bool(chunk.delta)
+                yield chunk
+        except _SERVER_FAULTS as exc:
+            raise self.server_error(exc, tokens) from exc
+        finally:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                close()  # stopped early: drop the connection, vLLM aborts the request
+
+    async def _aguard(self, stream: AsyncIterator[_R]) -> AsyncGenerator[_R, None]:
+        tokens = 0
+        try:
+            async for chunk in stream:
+                tokens += bool(chunk.delta)
+                yield chunk
+        except _SERVER_FAULTS as exc:
+            raise self.server_error(exc, tokens) from exc
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if callable(aclose):
+                await aclose()
+
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        with self._faults():
+            return super().chat(messages, **kwargs)
+
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        with self._faults():
+            return super().complete(prompt, formatted, **kwargs)
+
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        with self._faults():
+            return self._guard(super().stream_chat(messages, **kwargs))
+
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        with self._faults():
+            return self._guard(super().stream_complete(prompt, formatted, **kwargs))
+
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        with self._faults():
+            return await super().achat(messages, **kwargs)
+
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        with self._faults():
+            return await super().acomplete(prompt, formatted, **kwargs)
+
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        with self._faults():
+            return self._aguard(await super().astream_chat(messages, **kwargs))
+
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        with self._faults():
+            return self._aguard(await super().astream_complete(prompt, formatted, **kwargs))
+
+
+_STATUS_HINTS = {
+    400: "check llm.max_model_len and llm.max_tokens against the server's --max-model-len",
+    401: "check llm.api_key, or RAG_APP_LLM__API_KEY, against the server's --api-key",
+    403: "check llm.api_key, or RAG_APP_LLM__API_KEY, against the server's --api-key",
+    404: "check llm.model: the server's --served-model-name; and that llm.api_base ends in /v1",
+    429: "the server is overloaded: ask again later",
+}
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request failed, in a few words: the system error under the library's
+    ("connection refused"), else the root cause's first line."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    errnos = [e.errno for e in chain if isinstance(e, OSError) and e.errno and e.errno > 0]
+    if errnos:
+        text = os.strerror(errnos[0])
+    else:
+        root = next((e for e in reversed(chain) if str(e).strip()), exc)
+        text = re.sub(r"^\[Errno -?\d+\]\s*", "", first_line(root)).rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def _dropped(exc: openai.APIConnectionError) -> bool:
+    """Whether the server was reached but the connection went away before the answer."""
+    cause = exc.__cause__
+    return isinstance(cause, httpx.HTTPError) and not isinstance(cause, httpx.ConnectError)
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    """The server's own message (vLLM: ``{"error": {"message": ...}}``), on one line."""
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        text = error.get("message") if isinstance(error, dict) else error
+        if isinstance(text, str) and text.strip():
+            return " ".join(text.split())
+    return first_line(exc)
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def build_server(cfg: RagConfig) -> VllmServerLLM:
+    settings = cfg.llm
+    extra: dict[str, Any] = {"top_p": settings.top_p}
+    if settings.repetition_penalty != 1.0:
+        extra["extra_body"] = {"repetition_penalty": settings.repetition_penalty}
+    if settings.seed is not None:
+        extra["seed"] = settings.seed
+    return VllmServerLLM(
+        model=settings.model,
+        api_base=settings.api_base,
+        api_key=settings.api_key.get_secret_value() or "EMPTY",
+        is_chat_model=True,
+        context_window=settings.max_model_len,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        additional_kwargs=extra,
+        timeout=settings.request_timeout,
+        retries=settings.max_retries,
+        max_retries=0,  # LlamaIndex's retry layer; the client's (``retries``) is enough
+    )
