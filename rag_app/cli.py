@@ -21,7 +21,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":  # transformers' "Loading weights"
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     # pymilvus logs a traceback for every failed call, retried or not; rag_app reports
     # retries as warnings and a final failure as one line.
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
