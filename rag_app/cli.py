@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rag_app.errors import RagAppError, redact_uri
+from rag_app.errors import RagAppError
 
 
 def _quiet_libraries() -> None:
@@ -151,13 +151,12 @@ def _collections(args: argparse.Namespace) -> int:
         return 0
     infos = list_collections(cfg)
     if not infos:
-        print(f"no collections at {redact_uri(cfg.milvus.uri)}")
+        print(f"no collections at {cfg.milvus.uri}")
         return 0
     if args.describe:
         info = next((i for i in infos if i.name == args.describe), None)
         if info is None:
-            uri = redact_uri(cfg.milvus.uri)
-            raise RagAppError(f"no collection {args.describe!r} at {uri}")
+            raise RagAppError(f"no collection {args.describe!r} at {cfg.milvus.uri}")
         print(json.dumps(dataclasses.asdict(info), indent=2))
         return 0
     print(f"{'collection':<28}{'chunks':>8}{'dim':>6}  {'bm25':<5} {'index':<14} embedding model")

@@ -109,6 +109,25 @@ def store_cfg(request: pytest.FixtureRequest, tmp_path: Path):
     return load_config(PROFILE, milvus__uri=uri, milvus__collection=f"t_{uuid.uuid4().hex}")
 
 
+def contents(client_or_store, collection: str | None = None) -> set[tuple[str, str, str]]:
+    """Every row as (chunk id, document id, text)."""
+    client = getattr(client_or_store, "client", client_or_store)
+    name = collection or client_or_store.collection_name
+    rows = client.query(name, filter='id != ""', output_fields=["id", "doc_id", "text"])
+    return {(r["id"], r["doc_id"], r["text"]) for r in rows}
+
+
+def fresh_contents(cfg, embed_model, folder: Path, tmp_path: Path) -> set[tuple[str, str, str]]:
+    """What a first ingest of ``folder`` into an empty collection holds."""
+    other = cfg.model_copy(deep=True)
+    other.milvus.uri = str(tmp_path / "fresh.db")
+    from rag_app import build_vector_store, ingest_path
+
+    store = build_vector_store(other, embed_model)
+    ingest_path(other, folder, embed_model=embed_model, vector_store=store)
+    return contents(store)
+
+
 @pytest.fixture(scope="session")
 def embed_model():
     from rag_app import build_embed_model, load_config

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROFILE
+from conftest import PROFILE, contents, fresh_contents
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.embedding import EmbeddingStartEvent
@@ -35,23 +35,6 @@ def embedding_calls():
     get_dispatcher().add_event_handler(counter)
     yield counter
     get_dispatcher().event_handlers.remove(counter)
-
-
-def contents(client_or_store, collection: str | None = None) -> set[tuple[str, str, str]]:
-    """Every row as (chunk id, document id, text)."""
-    client = getattr(client_or_store, "client", client_or_store)
-    name = collection or client_or_store.collection_name
-    rows = client.query(name, filter='id != ""', output_fields=["id", "doc_id", "text"])
-    return {(r["id"], r["doc_id"], r["text"]) for r in rows}
-
-
-def fresh_contents(cfg, embed_model, folder: Path, tmp_path: Path) -> set[tuple[str, str, str]]:
-    """What a first ingest of ``folder`` into an empty collection holds."""
-    other = cfg.model_copy(deep=True)
-    other.milvus.uri = str(tmp_path / "fresh.db")
-    store = build_vector_store(other, embed_model)
-    ingest_path(other, folder, embed_model=embed_model, vector_store=store)
-    return contents(store)
 
 
 def write_docs(folder: Path, pages: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROFILE, milvus_server_command, process_running
+from conftest import PROFILE, contents, fresh_contents, milvus_server_command, process_running
 from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 from pymilvus import MilvusClient
 
@@ -31,20 +31,9 @@ def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Com
 def rows(uri: str, collection: str) -> set[tuple[str, str, str]]:
     client = MilvusClient(uri=uri)
     client.load_collection(collection)
-    found = client.query(collection, filter='id != ""', output_fields=["id", "doc_id", "text"])
+    found = contents(client, collection)
     client.close()
-    return {(r["id"], r["doc_id"], r["text"]) for r in found}
-
-
-def fresh_rows(folder: Path, embed_model, tmp_path: Path) -> set[tuple[str, str, str]]:
-    """What one uninterrupted ingest of ``folder`` into an empty Lite file holds."""
-    cfg = load_config(PROFILE, milvus__uri=str(tmp_path / "fresh.db"))
-    store = build_vector_store(cfg, embed_model)
-    ingest_path(cfg, folder, embed_model=embed_model, vector_store=store)
-    found = store.client.query(
-        store.collection_name, filter='id != ""', output_fields=["id", "doc_id", "text"]
-    )
-    return {(r["id"], r["doc_id"], r["text"]) for r in found}
+    return found
 
 
 def server_pid(data_dir: Path) -> int:
@@ -131,7 +120,9 @@ def test_milvus_restarting_mid_ingest_is_waited_for_and_nothing_is_lost(
     out, err = ingest.communicate(timeout=300)
     assert ingest.returncode == 0, err
     assert "ingested 10 documents" in out
-    assert rows(uri, "rag_docs") == fresh_rows(corpus_slice, embed_model, tmp_path)
+    assert rows(uri, "rag_docs") == fresh_contents(
+        load_config(PROFILE), embed_model, corpus_slice, tmp_path
+    )
 
 
 def test_milvus_gone_mid_ingest_fails_in_one_line_and_a_rerun_completes(
@@ -157,7 +148,9 @@ def test_milvus_gone_mid_ingest_fails_in_one_line_and_a_rerun_completes(
     milvus_server_command("start", "--data-dir", data_dir, "--port", uri.rsplit(":", 1)[1])
     again = cli("ingest", str(corpus_slice), "--no-progress", env=env)
     assert again.returncode == 0, again.stderr
-    assert rows(uri, "rag_docs") == fresh_rows(corpus_slice, embed_model, tmp_path)
+    assert rows(uri, "rag_docs") == fresh_contents(
+        load_config(PROFILE), embed_model, corpus_slice, tmp_path
+    )
 
 
 READER = textwrap.dedent(

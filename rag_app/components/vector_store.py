@@ -28,7 +28,7 @@ from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
 
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError, redact_uri
+from rag_app.errors import RagAppError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,7 +125,7 @@ def retrying(call: Callable[[], T], store: MilvusVectorStore, what: str) -> T:
     ``milvus.timeout`` seconds; only for calls that are safe to repeat (searches, upserts
     by id, deletes by filter). Failures become one-line :class:`RagAppError`\\ s."""
     budget = getattr(store, "_retry_seconds", 0.0)
-    uri = redact_uri(str(getattr(store, "_connection", {}).get("uri", "")))
+    uri = getattr(store, "_connection", {}).get("uri", "")
     deadline, delay = time.monotonic() + budget, 0.5
     while True:
         try:
@@ -158,14 +158,14 @@ def _connect(cfg: RagConfig) -> MilvusClient:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:
         raise RagAppError(
-            f"cannot connect to Milvus at {redact_uri(settings.uri)}: {exc.message} "
+            f"cannot connect to Milvus at {settings.uri}: {exc.message} "
             "(check milvus.uri and milvus.token; a Lite file is usable by one process at a time)"
         ) from None
 
 
-def _collection_facts(client: MilvusClient, name: str) -> tuple[int | None, str | None, bool]:
-    """The dense vector dimension, the embedding model recorded, and whether it has BM25."""
-    info: dict[str, Any] = client.describe_collection(name)
+def _collection_facts(info: dict[str, Any]) -> tuple[int | None, str | None, bool]:
+    """From a collection's description: the dense vector dimension, the embedding model
+    recorded, and whether it has BM25."""
     fields = info.get("fields", [])
     dim = next(
         (
@@ -195,10 +195,10 @@ def build_vector_store(
     try:
         exists = client.has_collection(settings.collection)
         if exists:
-            dim, stored, bm25 = _collection_facts(client, settings.collection)
+            dim, stored, bm25 = _collection_facts(client.describe_collection(settings.collection))
             if stored and stored != identity:
                 raise RagAppError(
-                    f"collection {settings.collection!r} at {redact_uri(settings.uri)} was "
+                    f"collection {settings.collection!r} at {settings.uri} was "
                     f"embedded with {stored!r}, not {identity!r} (use another "
                     "milvus.collection, or the model it was built with)"
                 )
@@ -239,7 +239,7 @@ def build_vector_store(
         store._retry_seconds = settings.timeout
         store.client.load_collection(settings.collection)
     except MilvusException as exc:
-        uri = redact_uri(settings.uri)
+        uri = settings.uri
         raise RagAppError(f"Milvus at {uri} refused the request: {exc.message}") from None
     finally:
         if hasattr(client, "close"):
@@ -296,7 +296,8 @@ class CollectionInfo:
 
 
 def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
-    dim, model, bm25 = _collection_facts(client, name)
+    described: dict[str, Any] = client.describe_collection(name)
+    dim, model, bm25 = _collection_facts(described)
     rows = int(client.get_collection_stats(name).get("row_count", 0))
     index: dict[str, Any] = {}
     if EMBEDDING_FIELD in client.list_indexes(name):
@@ -307,8 +308,7 @@ def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
         if key not in {"index_type", "metric_type", "field_name", "index_name", "state"}
         and not key.endswith(("_rows", "_count"))
     }
-    described = client.describe_collection(name)
-    level = described.get("consistency_level_name") or described.get("consistency_level")
+    level: Any = described.get("consistency_level_name") or described.get("consistency_level")
     return CollectionInfo(
         name, rows, dim, model, bm25, index.get("index_type"), index.get("metric_type"),
         params, _CONSISTENCY_NAMES.get(level, None if level is None else str(level)),
@@ -326,7 +326,7 @@ def list_collections(cfg: RagConfig) -> list[CollectionInfo]:
         return [_collection_info(client, name) for name in sorted(client.list_collections())]
     except MilvusException as exc:
         raise RagAppError(
-            f"Milvus at {redact_uri(cfg.milvus.uri)} refused the request: {exc.message}"
+            f"Milvus at {cfg.milvus.uri} refused the request: {exc.message}"
         ) from None
     finally:
         if hasattr(client, "close"):
@@ -339,7 +339,7 @@ def drop_collection(cfg: RagConfig, name: str) -> None:
     try:
         if not client.has_collection(name):
             raise RagAppError(
-                f"no collection {name!r} at {redact_uri(cfg.milvus.uri)} (see rag-app collections)"
+                f"no collection {name!r} at {cfg.milvus.uri} (see rag-app collections)"
             )
         client.drop_collection(name)
     finally:

@@ -15,7 +15,6 @@ from collections.abc import (
     Sequence,
 )
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -32,7 +31,7 @@ from llama_index.llms.openai_like import OpenAILike
 from pydantic import Field
 
 from rag_app.config import RagConfig
-from rag_app.errors import RagAppError, first_line
+from rag_app.errors import RagAppError, first_line, redact_uri
 
 _R = TypeVar("_R", ChatResponse, CompletionResponse)
 # What the openai client raises (APIError and its kinds), and what httpx raises while a
@@ -61,7 +60,7 @@ class VllmServerLLM(OpenAILike):
 
     def server_error(self, exc: BaseException, tokens: int | None = None) -> RagAppError:
         """The one-line error for a failed request; ``tokens``: those a stream delivered."""
-        where = f"the vLLM server at {_without_userinfo(self.api_base or '')}"
+        where = f"the vLLM server at {redact_uri(self.api_base or '')}"
         tries = f"{self.retries + 1} tries" if self.retries else "1 try"
         if isinstance(exc, openai.APITimeoutError):
             message = (
@@ -220,13 +219,6 @@ def _server_message(exc: openai.APIStatusError) -> str:
         if isinstance(text, str) and text.strip():
             return " ".join(text.split())
     return first_line(exc)
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def build_server(cfg: RagConfig) -> VllmServerLLM:
