@@ -49,6 +49,7 @@ _SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "grpcs://", "unix
 _EXPORTED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _SECRET_KEYS = {"token", "api_key"}  # SecretStr settings: never echoed in error messages
 _SECRET_NAME = re.compile(r"(TOKEN|KEY|PASSWORD|SECRET)$", re.IGNORECASE)
+MAX_TOP_K = 100  # chunks one question may retrieve (retrieval.top_k, --top-k, the API)
 
 
 class _Section(BaseModel):
@@ -136,7 +137,7 @@ class IngestionSettings(_Section):
 
 
 class RetrievalSettings(_Section):
-    top_k: int = Field(3, ge=1, le=100)
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K)
     # dense: vectors only; sparse: Milvus BM25 full-text only; hybrid: both, fused.
     # hybrid + weighted measured best on eval/dev.jsonl (scripts/bench_retrieval.py).
     mode: Literal["dense", "hybrid", "sparse"] = "hybrid"
@@ -156,6 +157,8 @@ class RetrievalSettings(_Section):
     abstain_below: float | None = Field(None, ge=-1.0, le=1.0)
     rerank: Literal["none", "cross-encoder"] = "none"
     rerank_model: str = "BAAI/bge-reranker-base"
+    # Longer questions are refused before any model loads (a pasted document is not one).
+    max_question_chars: int = Field(4000, ge=1)
 
     @model_validator(mode="after")
     def _dense_only_options(self) -> RetrievalSettings:
@@ -169,6 +172,9 @@ class RetrievalSettings(_Section):
 class LLMSettings(_Section):
     mode: Literal["local", "server"] = "local"
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    # The tokenizer prompts are packed with (a hub id or folder); "" = llm.model's. Set it in
+    # server mode when llm.model is a served name (--served-model-name), not the model's id.
+    tokenizer: str = ""
     api_base: str = "http://127.0.0.1:8000/v1"
     api_key: SecretStr = SecretStr("")
     temperature: float = Field(0.2, ge=0.0, le=2.0)
@@ -272,11 +278,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         uri = milvus["uri"]
         if not uri.startswith(_SERVER_SCHEMES):
             milvus["uri"] = str((base / Path(uri).expanduser()).resolve())
-    for section in ("embedding", "llm"):
+    for section, key in (("embedding", "model"), ("llm", "model"), ("llm", "tokenizer")):
         values = data.get(section)
-        model = values.get("model") if isinstance(values, dict) else None
-        if isinstance(values, dict) and isinstance(model, str) and _looks_like_path(model):
-            values["model"] = str((base / Path(values["model"]).expanduser()).resolve())
+        value = values.get(key) if isinstance(values, dict) else None
+        if isinstance(values, dict) and isinstance(value, str) and _looks_like_path(value):
+            values[key] = str((base / Path(value).expanduser()).resolve())
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:

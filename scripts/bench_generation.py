@@ -3,14 +3,14 @@ and Hugging Face Transformers ``generate`` on the same prompts, side by side, fr
 
     .venv/bin/python scripts/bench_generation.py [--corpus DIR] [--qa eval/dev.jsonl]
 
-The grounded prompts (retrieval done beforehand, not timed) of the first 16 answerable
-questions of the QA file go to SmolLM2-135M-Instruct in vLLM (configs/cpu-small.toml,
-greedy, ``llm.max_tokens`` new tokens at most). All N questions arrive at once: "sequential"
-answers them one after another, "concurrent" awaits ``acomplete`` for all of them at once
-(the engine batches them continuously); a question's latency is the time from the start
-until its answer is complete. The baseline is
-Transformers ``generate`` (greedy, same model folder, same dtype, same token ids), one
-question after another.
+The grounded prompts (as the query engine renders them for each question, captured
+beforehand, not timed) of the first 16 answerable questions of the QA file go to
+SmolLM2-135M-Instruct in vLLM (configs/cpu-small.toml, greedy, ``llm.max_tokens`` new
+tokens at most). All N questions arrive at once: "sequential" answers them one after
+another, "concurrent" awaits ``acomplete`` for all of them at once (the engine batches them
+continuously); a question's latency is the time from the start until its answer is
+complete. The baseline is Transformers ``generate`` (greedy, same model folder, same
+dtype, same token ids), one question after another.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,9 +40,8 @@ from rag_app import (
     load_config,
 )
 from rag_app.components.llm import AsyncEngineVllm
-from rag_app.components.retrieval import build_retriever
-from rag_app.pipelines.batch import grounded_prompt
 from rag_app.pipelines.evaluate import load_qa
+from rag_app.pipelines.query import build_query_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ class Run:
 def vllm_sequential(llm: AsyncEngineVllm, prompts: list[str]) -> Run:
     started, latencies, tokens = time.perf_counter(), [], 0
     for prompt in prompts:
-        (reply,) = llm.complete_many([prompt], formatted=True)
+        reply = llm.complete(prompt, formatted=True)
         tokens += (reply.raw or {})["completion_tokens"]
         latencies.append(time.perf_counter() - started)
     return Run("vLLM, one at a time", len(prompts), latencies[-1], tokens, latencies)
@@ -103,11 +103,37 @@ def transformers_sequential(model_dir: str, llm: AsyncEngineVllm, prompts: list[
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=llm.max_new_tokens,
                 do_sample=False,
-                pad_token_id=llm._tokenizer.eos_token_id,
+                pad_token_id=llm.tokenizer.eos_token_id,
             )
         tokens += out.shape[1] - ids.shape[1]
         latencies.append(time.perf_counter() - started)
     return Run("Transformers generate", len(prompts), latencies[-1], tokens, latencies)
+
+
+def grounded_prompts(engine: Any, llm: AsyncEngineVllm, questions: list[str]) -> list[str]:
+    """The prompt the query engine sends for each question, as the LLM rendered it (the
+    completion-start event carries it), each answered with one token only."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent
+
+    prompts: list[str] = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event: Any, **kwargs: Any) -> None:
+            if isinstance(event, LLMCompletionStartEvent):
+                prompts.append(event.prompt)
+
+    recorder, dispatcher = Recorder(), get_dispatcher()
+    dispatcher.add_event_handler(recorder)
+    budget, llm.max_new_tokens = llm.max_new_tokens, 1
+    try:
+        for question in questions:
+            engine.query(question)
+    finally:
+        llm.max_new_tokens = budget
+        dispatcher.event_handlers.remove(recorder)
+    return prompts
 
 
 def main() -> int:
@@ -127,19 +153,19 @@ def main() -> int:
     ingest_path(cfg, args.corpus, embed_model=embed_model, vector_store=store, progress=False)
     index = build_index(cfg, embed_model=embed_model, vector_store=store)
     questions = [item.question for item in load_qa(args.qa) if item.sources][:16]
-    retriever = build_retriever(cfg, index)
 
     llm = build_llm(cfg)
     assert isinstance(llm, AsyncEngineVllm), "the benchmark needs llm.mode = 'local'"
     try:
-        prompts = [grounded_prompt(llm, q, retriever.retrieve(q)) for q in questions]
+        engine = build_query_engine(cfg, index=index, llm=llm)
+        prompts = grounded_prompts(engine, llm, questions)
         lengths = [len(llm.token_ids(p)) for p in prompts]
         print(
             f"{len(prompts)} grounded prompts, {min(lengths)}-{max(lengths)} tokens; "
             f"{llm.model}, at most {llm.max_new_tokens} new tokens, greedy",
             flush=True,
         )
-        llm.complete_many(prompts[:2], formatted=True)  # warm-up
+        vllm_concurrent(llm, prompts[:2])  # warm-up
         runs = []
         for n in (1, 4, 16):
             runs += [vllm_sequential(llm, prompts[:n]), vllm_concurrent(llm, prompts[:n])]

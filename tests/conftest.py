@@ -1,5 +1,12 @@
 """Shared, real test components: the offline MiniLM and SmolLM2 models, Milvus Lite files,
-one in-process vLLM engine and one ``vllm serve``-equivalent process per test session."""
+one in-process vLLM engine and one ``vllm serve``-equivalent process per test session.
+
+Tiers (markers, registered in pyproject.toml and enforced with ``--strict-markers``):
+``slow`` loads a model or opens Milvus, ``llm`` needs a vLLM engine, ``server`` starts a
+server process. A test is put in a tier by the fixtures it uses (:data:`TIER_FIXTURES`)
+or by its own marker; an unmarked test is in the fast tier (``-m "not slow and not llm and
+not server"``), which loads no model and runs in seconds.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +46,26 @@ SLICE = [
     "reference/reranking.md",
 ]
 HNSW_QUESTION = "What do the parameters for HNSW mean?"
+
+
+TIERS = ("slow", "llm", "server")
+# Fixtures that put every test using them (directly or through other fixtures) in a tier.
+TIER_FIXTURES = {
+    "slow": {"embed_model", "ingested", "session_index", "store_cfg", "slice_index"},
+    "llm": {"local_llm", "vllm_server"},
+    "server": {"milvus_server", "server_slice", "vllm_server", "server_cfg"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for tier, fixtures in TIER_FIXTURES.items():
+            if used & fixtures and item.get_closest_marker(tier) is None:
+                item.add_marker(getattr(pytest.mark, tier))
+        # An llm or server test is slow too: `-m "not slow"` leaves them all out.
+        if any(item.get_closest_marker(t) for t in ("llm", "server")):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import PROFILE
 
 from rag_app import build_index, build_retriever, load_config
+
+pytestmark = pytest.mark.slow
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

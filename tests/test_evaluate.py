@@ -13,6 +13,7 @@ from conftest import CORPUS, HNSW_QUESTION, PROFILE, REPO
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from rag_app import RagAppError
+from rag_app.cli import main as cli_main
 from rag_app.pipelines.evaluate import QAItem, load_qa, ranked_documents, score
 
 DEV_SET = REPO / "eval" / "dev.jsonl"
@@ -71,6 +72,7 @@ def test_the_development_set_is_valid_and_varied():
     assert all(len(item.sources) >= 2 for item in items if item.kind == "multi")
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_the_table_and_writes_json(tmp_path):
     docs = tmp_path / "docs"
     for page in ("reference/index.md", "reference/metric.md", "reference/consistency.md"):
@@ -98,15 +100,11 @@ def test_cli_eval_prints_the_table_and_writes_json(tmp_path):
     assert ranking[0] == "reference/index.md" and len(ranking) == len(set(ranking)) <= 2
 
 
-def test_cli_eval_of_a_bad_file_is_one_line(tmp_path):
+def test_cli_eval_of_a_bad_file_is_one_line(tmp_path, capsys):
     qa = tmp_path / "qa.jsonl"
     qa.write_text("not json\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "rag_app.cli", "eval", str(qa), "--config", str(PROFILE)],
-        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    assert cli_main(["eval", str(qa), "--config", str(PROFILE)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"rag-app: error: {qa}:1: not a QA line (JSONDecodeError: Expecting value: line 1 "
         'column 1 (char 0)); expected {"question": "...", "sources": ["path", ...]}'
     ]

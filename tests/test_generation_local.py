@@ -4,6 +4,7 @@ template on every prompt, and our objects plugged into other LlamaIndex componen
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 
@@ -19,8 +20,7 @@ from pydantic import Field
 
 from rag_app import build_chat_engine, build_index, build_query_engine
 from rag_app.cli import main as cli_main
-from rag_app.pipelines.batch import answer_many
-from rag_app.pipelines.query import is_abstention
+from rag_app.pipelines.answer import answer_many, is_abstention
 from rag_app.prompts import ABSTAIN_ANSWER, SYSTEM_PROMPT
 
 pytestmark = pytest.mark.llm
@@ -243,11 +243,13 @@ def test_many_questions_are_in_the_engine_together_with_the_query_engines_prompt
     build_query_engine(session_cfg, index=session_index, llm=local_llm).query(HNSW_QUESTION)
     single = engine_inputs.pop()
     questions = [HNSW_QUESTION, "What is a replica?", "How does mmap save memory?"]
-    answers = answer_many(session_cfg, questions, index=session_index, llm=local_llm)
+    engine = build_query_engine(session_cfg, index=session_index, llm=local_llm)
+    answers = answer_many(engine, questions)
     assert engine_load["peak"] == 3  # all three batched by the engine, not one after another
-    assert engine_inputs[0] == single  # the very prompt a single query sends
+    assert single in engine_inputs  # the very prompt a single query sends
     assert [a.question for a in answers] == questions
-    assert all(a.answer and a.completion_tokens for a in answers)
+    assert all(a.answer.strip() and a.error is None for a in answers)
+    assert all(0 < a.timings["retrieve"] < a.timings["total"] for a in answers)
     assert [a.sources[0].node.metadata["source"] for a in answers[:2]] == [
         "reference/index.md",
         "reference/replica.md",
@@ -257,12 +259,15 @@ def test_many_questions_are_in_the_engine_together_with_the_query_engines_prompt
 def test_a_batch_abstains_per_question_without_generating_for_it(
     session_cfg, session_index, local_llm, engine_inputs
 ):
-    strict = session_cfg.model_copy(deep=True)
-    strict.retrieval.abstain_below = 0.99
-    answers = answer_many(
-        strict, ["Who won the 1998 World Cup?"], index=session_index, llm=local_llm
-    )
-    assert [(a.answer, a.abstained, a.sources) for a in answers] == [(ABSTAIN_ANSWER, True, [])]
+    gated = session_cfg.model_copy(deep=True)
+    gated.retrieval.abstain_below = 0.3  # the HNSW question passes it (see the gate test)
+    engine = build_query_engine(gated, index=session_index, llm=local_llm)
+    answers = answer_many(engine, ["Who won the 1998 World Cup?", HNSW_QUESTION])
+    assert (answers[0].answer, answers[0].abstained, answers[0].sources) == (
+        ABSTAIN_ANSWER, True, [],
+    )  # fmt: skip
+    assert answers[1].sources
+    assert len(engine_inputs) == 1  # only the second question reached the model
     assert engine_inputs == []
 
 
@@ -352,3 +357,26 @@ def test_cli_streams_in_local_mode(session_cfg, local_llm, monkeypatch, capsys):
     assert len(streams) == 1  # the answer came through the engine's token stream
     assert answer.strip()
     assert sources.startswith("  [1] reference/index.md")
+
+
+def test_cli_file_reports_a_bad_line_and_answers_the_others(
+    session_cfg, local_llm, monkeypatch, capsys, tmp_path
+):
+    import rag_app.components.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "build_llm", lambda cfg: local_llm)
+    monkeypatch.setattr(type(local_llm), "close", lambda self: None)  # the session's engine
+    monkeypatch.setenv("RAG_APP_MILVUS__URI", session_cfg.milvus.uri)
+    questions = tmp_path / "questions.txt"
+    questions.write_text(f"{HNSW_QUESTION}\n{'x' * 5000}\nWhat is a replica?\n")
+
+    status = cli_main(["--config", session_cfg.source, "query", "--file", str(questions), "--json"])
+    out, err = capsys.readouterr()
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert status == 2  # not everything was answered
+    assert err.splitlines() == [
+        f"rag-app: error: {questions}:2: the question is 5000 characters long, over "
+        "retrieval.max_question_chars = 4000 (shorten it, or raise the setting)"
+    ]
+    assert [a["question"] for a in answers] == [HNSW_QUESTION, "What is a replica?"]
+    assert all(a["answer"] and a["sources"] for a in answers)

@@ -17,7 +17,7 @@ from llama_index.llms.openai_like import OpenAILike
 from rag_app import build_llm, build_query_engine
 from rag_app.prompts import ABSTAIN_ANSWER
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.llm]
 
 
 def served_cli(vllm_server: str, tmp_path) -> tuple[list[str], dict[str, str]]:

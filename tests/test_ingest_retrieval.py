@@ -16,6 +16,8 @@ from pymilvus import MilvusClient
 
 from rag_app import RagAppError, build_index, build_vector_store, ingest_path
 
+pytestmark = pytest.mark.slow
+
 
 def rows(store: MilvusVectorStore, expr: str = 'id != ""', fields=("id", "doc_id", "text")):
     return store.client.query(store.collection_name, filter=expr, output_fields=list(fields))

@@ -20,6 +20,8 @@ from pymilvus import MilvusClient
 
 from rag_app import build_vector_store, ingest_path
 
+pytestmark = pytest.mark.slow
+
 
 class EmbeddingCalls(BaseEventHandler):
     calls: int = 0

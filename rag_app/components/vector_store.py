@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from llama_index.core import StorageContext
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pydantic import PrivateAttr
-from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
+from pymilvus import MilvusClient, MilvusException
 
+from rag_app.compat.llama_index_milvus import MilvusVectorStoreCompat
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
@@ -38,80 +37,31 @@ EMBEDDING_FIELD = "embedding"
 SPARSE_FIELD = "sparse_embedding"
 
 
-class RagMilvusVectorStore(MilvusVectorStore):
-    """``MilvusVectorStore`` whose BM25-only search runs on Milvus Lite too.
+class RagMilvusVectorStore(MilvusVectorStoreCompat):
+    """``MilvusVectorStore`` whose searches, sync and async, are retried while Milvus is
+    unreachable (a search changes nothing), and whose BM25-only search runs on Milvus Lite
+    (see :mod:`rag_app.compat.llama_index_milvus`)."""
 
-    The base class searches the sparse field with ``drop_ratio_search = 0.2``, which Milvus
-    Lite refuses ("only drop_ratio_search=0 is supported"); 0 (drop nothing, exact BM25)
-    works on Lite and on servers. Lite also reports BM25 scores negated (best first, but
-    -3.1 before -1.5); scores are returned as BM25 defines them, positive.
+    _retry: MilvusRetry = PrivateAttr()
 
-    Its async methods work from any event loop: pymilvus's async client is bound to the
-    loop it first ran on, and the base class's single client fails with "Event loop is
-    closed" once that loop is gone (a second ``asyncio.run``); here each running loop gets
-    a client of its own.
-    """
-
-    _connection: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _retry_seconds: float = PrivateAttr(default=30.0)
-    _loop_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncMilvusClient] = (
-        PrivateAttr(default_factory=weakref.WeakKeyDictionary)
-    )
-
-    def __init__(self, *, uri: str, token: str = "", **kwargs: Any) -> None:
-        super().__init__(uri=uri, token=token, **kwargs)
-        self._connection = {"uri": uri, "token": token}
-
-    def query(self, query: VectorStoreQuery, **kwargs: Any) -> Any:
-        """Search, retried while Milvus is unreachable (a search changes nothing)."""
-        search = super().query
-        return retrying(lambda: search(query, **kwargs), self, "search")
+    def __init__(self, *, retry_seconds: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._retry = MilvusRetry(
+            kwargs["uri"], retry_seconds, lambda: self.client.load_collection(self.collection_name)
+        )
 
     @property
-    def aclient(self) -> AsyncMilvusClient:
-        loop = asyncio.get_running_loop()
-        client = self._loop_clients.get(loop)
-        if client is None:
-            client = self._loop_clients[loop] = AsyncMilvusClient(**self._connection)
-        return client
+    def retry(self) -> MilvusRetry:
+        """The retry policy of this store's calls, for writers that share it."""
+        return self._retry
 
-    def _sparse_search(
-        self, query: VectorStoreQuery, string_expr: str, output_fields: list[str], **kwargs: Any
-    ) -> tuple[list[BaseNode], list[float], list[str]]:
-        if not isinstance(self.sparse_embedding_function, BM25BuiltInFunction):
-            return super()._sparse_search(query, string_expr, output_fields, **kwargs)  # type: ignore[no-any-return]
-        res = self.client.search(**_bm25_search(self, query, string_expr, output_fields, kwargs))
-        nodes, scores, ids = self._parse_from_milvus_results(res)
-        return nodes, [abs(score) for score in scores], ids
+    def query(self, query: VectorStoreQuery, **kwargs: Any) -> Any:
+        search = super().query
+        return self._retry.call(lambda: search(query, **kwargs), "search")
 
-    async def _async_sparse_search(
-        self, query: VectorStoreQuery, string_expr: str, output_fields: list[str], **kwargs: Any
-    ) -> tuple[list[BaseNode], list[float], list[str]]:
-        if not isinstance(self.sparse_embedding_function, BM25BuiltInFunction):
-            return await super()._async_sparse_search(query, string_expr, output_fields, **kwargs)  # type: ignore[no-any-return]
-        search = _bm25_search(self, query, string_expr, output_fields, kwargs)
-        res = await self.aclient.search(**search)
-        nodes, scores, ids = self._parse_from_milvus_results(res)
-        return nodes, [abs(score) for score in scores], ids
-
-
-def _bm25_search(
-    store: MilvusVectorStore,
-    query: VectorStoreQuery,
-    string_expr: str,
-    output_fields: list[str],
-    kwargs: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "collection_name": store.collection_name,
-        "data": [query.query_str],
-        "anns_field": store.sparse_embedding_field,
-        "limit": query.similarity_top_k,
-        "filter": string_expr,
-        "output_fields": output_fields,
-        "search_params": {"params": {"drop_ratio_search": 0.0}},
-        "partition_names": kwargs.get("milvus_partition_names"),
-    }
+    async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> Any:
+        search = super().aquery
+        return await self._retry.acall(lambda: search(query, **kwargs), "search")
 
 
 def _unreachable(exc: MilvusException) -> bool:
@@ -120,34 +70,61 @@ def _unreachable(exc: MilvusException) -> bool:
     return exc.code == 2 or "unavailable" in message or "fail connecting" in message
 
 
-def retrying(call: Callable[[], T], store: MilvusVectorStore, what: str) -> T:
-    """``call()``, retried with backoff while Milvus is unreachable, for up to the store's
-    ``milvus.timeout`` seconds; only for calls that are safe to repeat (searches, upserts
-    by id, deletes by filter). Failures become one-line :class:`RagAppError`\\ s."""
-    budget = getattr(store, "_retry_seconds", 0.0)
-    uri = getattr(store, "_connection", {}).get("uri", "")
-    deadline, delay = time.monotonic() + budget, 0.5
-    while True:
-        try:
-            return call()
-        except MilvusException as exc:
-            if "state 'released'" in str(exc.message) and time.monotonic() < deadline:
-                # A restarted server holds its collections released until one is loaded.
+@dataclass(frozen=True)
+class MilvusRetry:
+    """Retries of calls that are safe to repeat (searches, upserts by id, deletes by
+    filter) while Milvus is unreachable, with backoff, for up to ``seconds``
+    (``milvus.timeout``); a restarted server's released collection is loaded again.
+    Failures become one-line :class:`RagAppError`\\ s."""
+
+    uri: str
+    seconds: float
+    reload: Callable[[], object] | None = None
+
+    @classmethod
+    def for_store(cls, cfg: RagConfig, store: MilvusVectorStore) -> MilvusRetry:
+        name = store.collection_name
+        return cls(cfg.milvus.uri, cfg.milvus.timeout, lambda: store.client.load_collection(name))
+
+    def call(self, call: Callable[[], T], what: str) -> T:
+        deadline, delay = time.monotonic() + self.seconds, 0.5
+        while True:
+            try:
+                return call()
+            except MilvusException as exc:
+                wait = self._wait_before_retry(exc, what, deadline, delay)
+            time.sleep(wait)
+            delay = min(delay * 2, 8.0) if wait == delay else delay
+
+    async def acall(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        deadline, delay = time.monotonic() + self.seconds, 0.5
+        while True:
+            try:
+                return await call()
+            except MilvusException as exc:
+                wait = self._wait_before_retry(exc, what, deadline, delay)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, 8.0) if wait == delay else delay
+
+    def _wait_before_retry(
+        self, exc: MilvusException, what: str, deadline: float, delay: float
+    ) -> float:
+        """Seconds to wait before the next try, or the error that ends the tries."""
+        if "state 'released'" in str(exc.message) and time.monotonic() < deadline:
+            if self.reload is not None:  # a restarted server holds its collections released
                 with suppress(MilvusException):
-                    store.client.load_collection(store.collection_name)
-                time.sleep(0.2)
-                continue
-            if not _unreachable(exc):
-                raise RagAppError(f"Milvus at {uri} refused the {what}: {exc.message}") from None
-            if time.monotonic() + delay > deadline:
-                raise RagAppError(
-                    f"Milvus at {uri} is unreachable ({what} retried for {budget:.0f} s): "
-                    f"{exc.message} (start the server or check milvus.uri, then run the same "
-                    "command again; an interrupted ingest resumes where it stopped)"
-                ) from None
-            log.warning("Milvus at %s unreachable; retrying the %s in %.1f s", uri, what, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+                    self.reload()
+            return 0.2
+        if not _unreachable(exc):
+            raise RagAppError(f"Milvus at {self.uri} refused the {what}: {exc.message}") from None
+        if time.monotonic() + delay > deadline:
+            raise RagAppError(
+                f"Milvus at {self.uri} is unreachable ({what} retried for {self.seconds:.0f} s): "
+                f"{exc.message} (start the server or check milvus.uri, then run the same "
+                "command again; an interrupted ingest resumes where it stopped)"
+            ) from None
+        log.warning("Milvus at %s unreachable; retrying the %s in %.1f s", self.uri, what, delay)
+        return delay
 
 
 def _connect(cfg: RagConfig) -> MilvusClient:
@@ -189,6 +166,39 @@ def build_vector_store(
     the model (loaded here if not given). Loads the collection for search, which a
     reopened collection needs.
     """
+    store = open_vector_store(cfg)
+    if store is None:
+        return _open_or_create(cfg, embedding_dimension(embed_model or build_embed_model(cfg)))
+    if embed_model is not None:
+        check_model_fits(cfg, store, embed_model)
+    return store
+
+
+def open_vector_store(cfg: RagConfig) -> MilvusVectorStore | None:
+    """The configured collection if it exists (checked against the configured model's
+    name, not its dimension: no model is loaded), else ``None``."""
+    return _open_or_create(cfg, None)
+
+
+def check_model_fits(cfg: RagConfig, store: MilvusVectorStore, embed_model: BaseEmbedding) -> None:
+    """Refuse a model whose vectors have another dimension than the collection's."""
+    model_dim = embedding_dimension(embed_model)
+    if store.dim is not None and model_dim != store.dim:
+        raise RagAppError(
+            f"collection {store.collection_name!r} holds {store.dim}-d vectors but "
+            f"{model_identity(cfg.embedding.model)!r} makes {model_dim}-d ones "
+            "(use another milvus.collection)"
+        )
+
+
+@overload
+def _open_or_create(cfg: RagConfig, new_dim: int) -> MilvusVectorStore: ...
+@overload
+def _open_or_create(cfg: RagConfig, new_dim: None) -> MilvusVectorStore | None: ...
+
+
+def _open_or_create(cfg: RagConfig, new_dim: int | None) -> MilvusVectorStore | None:
+    """Open the collection, or create it with ``new_dim`` (``None``: do not create)."""
     settings = cfg.milvus
     identity = model_identity(cfg.embedding.model)
     client = _connect(cfg)
@@ -202,18 +212,14 @@ def build_vector_store(
                     f"embedded with {stored!r}, not {identity!r} (use another "
                     "milvus.collection, or the model it was built with)"
                 )
-            model_dim = embedding_dimension(embed_model) if embed_model else dim
-            if dim is not None and model_dim != dim:
-                raise RagAppError(
-                    f"collection {settings.collection!r} holds {dim}-d vectors but "
-                    f"{identity!r} makes {model_dim}-d ones (use another milvus.collection)"
-                )
+        elif new_dim is None:
+            return None
         else:
-            dim = embedding_dimension(embed_model or build_embed_model(cfg))
-            bm25 = settings.bm25
+            dim, bm25 = new_dim, settings.bm25
         ranker, ranker_params = _hybrid_ranker(cfg)
         with quiet_lite_timestamps():
             store = RagMilvusVectorStore(  # type: ignore[call-arg]  # pydantic plugin vs. base __init__
+                retry_seconds=settings.timeout,
                 uri=settings.uri,
                 token=settings.token.get_secret_value(),
                 collection_name=settings.collection,
@@ -236,7 +242,6 @@ def build_vector_store(
                 hybrid_ranker=ranker,
                 hybrid_ranker_params=ranker_params,
             )
-        store._retry_seconds = settings.timeout
         store.client.load_collection(settings.collection)
     except MilvusException as exc:
         uri = settings.uri

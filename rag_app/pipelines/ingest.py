@@ -35,7 +35,13 @@ from tqdm import tqdm
 from rag_app.components.chunking import chunk_documents
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
 from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
-from rag_app.components.vector_store import build_vector_store, quiet_lite_timestamps, retrying
+from rag_app.components.vector_store import (
+    MilvusRetry,
+    build_vector_store,
+    check_model_fits,
+    open_vector_store,
+    quiet_lite_timestamps,
+)
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
@@ -165,8 +171,10 @@ class _Writer:
     changed document; the retriever keeps the newest (see ``retrieval.NewestVersion``).
     """
 
-    def __init__(self, store: MilvusVectorStore, hashes: dict[str, str], new: set[str]) -> None:
-        self._store, self._hashes, self._new = store, hashes, new
+    def __init__(
+        self, store: MilvusVectorStore, retry: MilvusRetry, hashes: dict[str, str], new: set[str]
+    ) -> None:
+        self._store, self._retry, self._hashes, self._new = store, retry, hashes, new
         self._queue: queue.Queue[list[BaseNode] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self.documents_written = 0
@@ -179,13 +187,13 @@ class _Writer:
                 continue
             try:
                 store = self._store
-                retrying(partial(store.add, unit), store, "write")  # an upsert by chunk id
+                self._retry.call(partial(store.add, unit), "write")  # an upsert by chunk id
                 for doc_id in dict.fromkeys(node.ref_doc_id or "" for node in unit):
                     if doc_id not in self._new:  # a new document has no other rows
-                        retrying(
+                        self._retry.call(
                             partial(_delete_other_versions, store, doc_id, self._hashes[doc_id]),
-                            store, "delete",
-                        )  # fmt: skip
+                            "delete",
+                        )
                     self.documents_written += 1
             except BaseException as exc:  # re-raised in the ingesting thread
                 self._error = exc
@@ -233,6 +241,42 @@ def _read_folder(root: Path, report: IngestReport, max_bytes: float) -> list[Doc
     return documents
 
 
+def _embed_into(
+    cfg: RagConfig,
+    embed_model: BaseEmbedding,
+    nodes: list[BaseNode],
+    writer: _Writer,
+    report: IngestReport,
+    show_bar: bool,
+    log_every: float,
+    documents: int,
+) -> None:
+    """Embed the chunks in batches and hand each whole-documents unit to the writer."""
+    batch_size = max(cfg.embedding.batch_size, 1)
+    started = last_log = time.perf_counter()
+    with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
+        for unit in _write_units(nodes, batch_size * 4):
+            # Similar lengths in a batch waste less compute on padding.
+            by_length = sorted(unit, key=lambda node: len(node.get_content()))
+            for start in range(0, len(by_length), batch_size):
+                batch = by_length[start : start + batch_size]
+                texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
+                vectors = embed_model.get_text_embedding_batch(texts)
+                for node, vector in zip(batch, vectors, strict=True):
+                    node.embedding = vector
+                report.chunks += len(batch)
+                bar.update(len(batch))
+            writer.put(unit)
+            bar.set_postfix(documents=f"{writer.documents_written}/{documents}")
+            if not show_bar and time.perf_counter() - last_log >= log_every:
+                last_log = time.perf_counter()
+                log.info(
+                    "embedded %d/%d chunks (%.1f chunks/s), %d/%d documents written",
+                    report.chunks, len(nodes), report.chunks / (last_log - started),
+                    writer.documents_written, documents,
+                )  # fmt: skip
+
+
 def ingest_path(
     cfg: RagConfig,
     path: str | Path,
@@ -256,9 +300,14 @@ def ingest_path(
     report = IngestReport()
     documents = _read_folder(root, report, cfg.ingestion.max_file_mb * 2**20)
 
-    embed_model = embed_model or build_embed_model(cfg)
-    store = vector_store or build_vector_store(cfg, embed_model)
-    stored = retrying(lambda: _stored_documents(store), store, "read of the stored documents")
+    # The model is loaded only when something needs embedding: an unchanged folder is
+    # decided from the fingerprints stored in Milvus alone.
+    store = vector_store or open_vector_store(cfg)
+    if store is None:  # a new collection takes its dimension from the model
+        embed_model = embed_model or build_embed_model(cfg)
+        store = build_vector_store(cfg, embed_model)
+    retry = MilvusRetry.for_store(cfg, store)
+    stored = retry.call(lambda: _stored_documents(store), "read of the stored documents")
 
     pending: list[Document] = []
     hashes: dict[str, str] = {}
@@ -276,7 +325,11 @@ def ingest_path(
         else:
             report.updated += 1
 
-    nodes = chunk_documents(cfg, pending, token_counter(embed_model))
+    nodes: list[BaseNode] = []
+    if pending:
+        embed_model = embed_model or build_embed_model(cfg)
+        check_model_fits(cfg, store, embed_model)
+        nodes = chunk_documents(cfg, pending, token_counter(embed_model))
     remaining = Counter(node.ref_doc_id for node in nodes)
     for node in nodes:
         doc_id = node.ref_doc_id or ""
@@ -290,41 +343,20 @@ def ingest_path(
         "%d documents to write (%d new, %d changed), %d unchanged; %d chunks to embed",
         len(pending), report.added, report.updated, report.unchanged, len(nodes),
     )  # fmt: skip
-    batch_size = max(cfg.embedding.batch_size, 1)
-    show_bar = sys.stderr.isatty() if progress is None else progress
-    last_log = 0.0
-    writer = _Writer(store, hashes, new)
-    try:
-        with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
-            for unit in _write_units(nodes, batch_size * 4):
-                # Similar lengths in a batch waste less compute on padding.
-                by_length = sorted(unit, key=lambda node: len(node.get_content()))
-                for start in range(0, len(by_length), batch_size):
-                    batch = by_length[start : start + batch_size]
-                    texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
-                    vectors = embed_model.get_text_embedding_batch(texts)
-                    for node, vector in zip(batch, vectors, strict=True):
-                        node.embedding = vector
-                    report.chunks += len(batch)
-                    bar.update(len(batch))
-                writer.put(unit)
-                bar.set_postfix(documents=f"{writer.documents_written}/{len(pending)}")
-                if not show_bar and time.perf_counter() - last_log >= log_every:
-                    last_log = time.perf_counter()
-                    log.info(
-                        "embedded %d/%d chunks (%.1f chunks/s), %d/%d documents written",
-                        report.chunks, len(nodes), report.chunks / (last_log - started),
-                        writer.documents_written, len(pending),
-                    )  # fmt: skip
-    finally:
-        writer.close()
+    if embed_model is not None and nodes:
+        writer = _Writer(store, retry, hashes, new)
+        try:
+            show_bar = sys.stderr.isatty() if progress is None else progress
+            _embed_into(cfg, embed_model, nodes, writer, report, show_bar, log_every, len(pending))
+        finally:
+            writer.close()
 
     if delete_missing and root.is_dir():
         readable_or_skipped = set(hashes) | {
             Path(p).relative_to(root).as_posix() for p, _ in report.skipped
         }
         gone = sorted(doc_id for doc_id in stored if doc_id not in readable_or_skipped)
-        retrying(lambda: _delete_documents(store, gone), store, "delete")
+        retry.call(lambda: _delete_documents(store, gone), "delete")
         report.deleted = len(gone)
 
     report.seconds = time.perf_counter() - started

@@ -23,7 +23,8 @@ from rag_app.components.llm import build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
-from rag_app.pipelines.citations import check_citations, number_excerpts
+from rag_app.pipelines.answer import finish_answer
+from rag_app.pipelines.citations import number_excerpts
 from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, REFINE_PROMPT, quote_as_data
 
 CHUNK_SEPARATOR = "\n---\n"
@@ -55,7 +56,7 @@ class GroundedSynthesizer(CompactAndRefine):
             return _abstention(self._streaming)
         response_kwargs.setdefault("sources_str", sources_str(nodes))
         response = super().synthesize(query, nodes, additional_source_nodes, **response_kwargs)
-        return _checked(response, len(nodes))
+        return _checked(query, response, nodes)
 
     async def asynthesize(
         self,
@@ -70,7 +71,7 @@ class GroundedSynthesizer(CompactAndRefine):
         response = await super().asynthesize(
             query, nodes, additional_source_nodes, **response_kwargs
         )
-        return _checked(response, len(nodes))
+        return _checked(query, response, nodes)
 
     def _make_compact_text_chunks(self, query_str: str, text_chunks: Sequence[str]) -> list[str]:
         return super()._make_compact_text_chunks(query_str, excerpts_best_last(text_chunks))
@@ -85,11 +86,12 @@ def excerpts_best_last(texts: Sequence[str]) -> list[str]:
 
 def _prompt_helper(llm: LLM) -> PromptHelper:
     """Packs excerpts into prompts that fit the model's window minus the answer budget,
-    counting with the model's own tokenizer where we have it (LlamaIndex's default counts
-    with tiktoken, which can undercount another model's tokens and overflow the engine)."""
-    tokenizer = getattr(llm, "_tokenizer", None)
+    counting with the model's own tokenizer (``llm.tokenizer``: both of rag_app's LLMs have
+    one; see ``llm.tokenizer`` in the settings). LlamaIndex's default counts with tiktoken,
+    which can undercount another model's tokens and overflow the engine."""
+    tokenizer = getattr(llm, "tokenizer", None)
     count = None
-    if tokenizer is not None and hasattr(tokenizer, "encode"):
+    if tokenizer is not None and callable(getattr(tokenizer, "encode", None)):
         count = partial(tokenizer.encode, add_special_tokens=False)
     return PromptHelper.from_llm_metadata(llm.metadata, tokenizer=count)
 
@@ -98,21 +100,20 @@ def sources_str(nodes: Sequence[NodeWithScore]) -> str:
     return ", ".join(f"[{number}] {node_source(n)}" for number, n in enumerate(nodes, 1))
 
 
-def _checked(response: RESPONSE_TYPE, count: int) -> RESPONSE_TYPE:
-    """Remove citations to no excerpt from a finished answer (a stream is left as it is)."""
+def _checked(
+    query: QueryTextType, response: RESPONSE_TYPE, nodes: Sequence[NodeWithScore]
+) -> RESPONSE_TYPE:
+    """A finished answer as :func:`finish_answer` leaves it: citations to no excerpt removed,
+    the cited numbers and abstention in ``metadata`` (a stream is finished by its reader)."""
     if isinstance(response, Response) and response.response is not None:
-        response.response, cited = check_citations(response.response, count)
+        answer = finish_answer(str(query), response.response, nodes)
+        response.response = answer.answer
         response.metadata = {
             **(response.metadata or {}),
-            "citations": cited,
-            "abstained": is_abstention(response.response),
+            "citations": answer.citations,
+            "abstained": answer.abstained,
         }
     return response
-
-
-def is_abstention(answer: str) -> bool:
-    """Whether an answer says the documents do not answer (the prompt's fixed reply)."""
-    return answer.strip().lower().startswith(ABSTAIN_ANSWER.lower().rstrip("."))
 
 
 def _abstention(streaming: bool) -> RESPONSE_TYPE:

@@ -5,6 +5,7 @@ with failures turned into one-line errors."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import (
@@ -14,6 +15,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -27,11 +29,12 @@ from llama_index.core.base.llms.types import (
     CompletionResponseAsyncGen,
     CompletionResponseGen,
 )
-from llama_index.llms.openai_like import OpenAILike
-from pydantic import Field
 
+from rag_app.compat.llama_index_openai import OpenAILikeClientRetries
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError, first_line, redact_uri
+
+log = logging.getLogger(__name__)
 
 _R = TypeVar("_R", ChatResponse, CompletionResponse)
 # What the openai client raises (APIError and its kinds), and what httpx raises while a
@@ -40,7 +43,7 @@ _SERVER_FAULTS = (openai.APIError, httpx.HTTPError)
 _RETRIED_STATUS = {408, 409, 429}  # and 5xx: the statuses the openai client retries
 
 
-class VllmServerLLM(OpenAILike):
+class VllmServerLLM(OpenAILikeClientRetries):
     """``OpenAILike`` against a vLLM server, whose failures raise a one-line
     :class:`RagAppError` naming the server and the fix, never the API key.
 
@@ -52,11 +55,6 @@ class VllmServerLLM(OpenAILike):
     log a warning for each, and does not cover streams. A stream that breaks after tokens
     arrived is not retried (the caller may have shown them): the error says so.
     """
-
-    retries: int = Field(default=2, ge=0, description="retries of a request that failed")
-
-    def _get_credential_kwargs(self, is_async: bool = False) -> dict[str, Any]:
-        return {**super()._get_credential_kwargs(is_async), "max_retries": self.retries}
 
     def server_error(self, exc: BaseException, tokens: int | None = None) -> RagAppError:
         """The one-line error for a failed request; ``tokens``: those a stream delivered."""
@@ -230,6 +228,7 @@ def build_server(cfg: RagConfig) -> VllmServerLLM:
         extra["seed"] = settings.seed
     return VllmServerLLM(
         model=settings.model,
+        tokenizer=load_tokenizer(settings.tokenizer or settings.model),
         api_base=settings.api_base,
         api_key=settings.api_key.get_secret_value() or "EMPTY",
         is_chat_model=True,
@@ -239,5 +238,24 @@ def build_server(cfg: RagConfig) -> VllmServerLLM:
         additional_kwargs=extra,
         timeout=settings.request_timeout,
         retries=settings.max_retries,
-        max_retries=0,  # LlamaIndex's retry layer; the client's (``retries``) is enough
     )
+
+
+def load_tokenizer(name: str) -> Any:
+    """The Hugging Face tokenizer prompts are packed with (a folder or ``org/name`` hub id),
+    or ``None`` with a warning: a served name (``--served-model-name``) names no tokenizer,
+    and packing then falls back to an approximate count that can overflow the server."""
+    fix = (
+        "set llm.tokenizer to the model's hub id or folder; prompts are packed with an "
+        "approximate token count until then"
+    )
+    if not (Path(name).expanduser().is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
+        log.warning("llm.model %r names no tokenizer: %s", name, fix)
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot load the tokenizer %r (%s): %s", name, first_line(exc), fix)
+        return None

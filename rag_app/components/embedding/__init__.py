@@ -2,22 +2,23 @@
 
 Each vector is normalised by its own norm, in float32 whatever the model's precision, so
 inner product equals cosine similarity; the query instruction (BGE's retrieval prefix)
-goes on queries only.
+goes on queries only. The model itself (torch, sentence-transformers) is imported only
+when one is built: deciding that nothing needs embedding must not pay for it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
-
-import numpy as np
-from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+from typing import TYPE_CHECKING
 
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError, first_line
+
+if TYPE_CHECKING:
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 
 def _looks_like_path(model: str) -> bool:
@@ -29,21 +30,6 @@ def model_identity(model: str) -> str:
     return Path(model.rstrip("/")).name
 
 
-class UnitNormEmbedding(HuggingFaceEmbedding):
-    """``HuggingFaceEmbedding`` whose vectors have unit length in float32, one by one.
-
-    sentence-transformers normalises in the model's dtype: with bf16 weights the norms
-    come out up to 0.5% off 1, and inner product is then no longer cosine similarity.
-    """
-
-    def _embed(
-        self, inputs: list[str | BytesIO], prompt_name: str | None = None
-    ) -> list[list[float]]:
-        vectors = np.asarray(super()._embed(inputs, prompt_name), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return (vectors / np.where(norms > 0, norms, 1.0)).tolist()  # type: ignore[no-any-return]
-
-
 def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
     """Load the configured sentence-transformers model (a hub id or a local folder)."""
     settings = cfg.embedding
@@ -53,6 +39,8 @@ def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
             "(run `.venv/bin/python scripts/fetch_models.py`, or set embedding.model)"
         )
     import torch
+
+    from rag_app.components.embedding.huggingface import UnitNormEmbedding
 
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     try:

@@ -1,0 +1,191 @@
+"""``rag-app query`` and ``rag-app chat``: answers with their numbered sources.
+
+Every answer is finished by :func:`rag_app.pipelines.answer.finish_answer` (citations
+checked, abstention decided), whichever way it was produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rag_app.cli import close_llm, load_cli_config
+from rag_app.errors import RagAppError
+from rag_app.pipelines.answer import Answer, answer_dict, check_question, finish_answer
+
+
+def query(args: argparse.Namespace) -> int:
+    from rag_app.components.retrieval import parse_filters
+
+    cfg = load_cli_config(args)
+    if (args.question is None) == (args.file is None):
+        raise RagAppError("give a question or --file FILE, not both")
+    filters = parse_filters(args.filter)
+    if args.file is not None:
+        return _query_file(cfg, args, filters)
+    question = check_question(args.question, cfg)
+    stream = args.stream if args.stream is not None else sys.stdout.isatty() and not args.json
+
+    from rag_app.components.llm import build_llm
+    from rag_app.pipelines.query import build_query_engine
+
+    llm = build_llm(cfg)
+    try:
+        engine = build_query_engine(
+            cfg, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
+        )
+        response = engine.query(question)
+        tokens = getattr(response, "response_gen", None) if stream else None
+        text = str(response) if tokens is None else _print_stream(tokens, echo=not args.json)
+    finally:
+        close_llm(llm)
+    answer = finish_answer(question, text, response.source_nodes)
+    if args.json:
+        print(json.dumps(answer_dict(answer)))
+        return 0
+    if not stream:
+        print(answer.answer)
+    elif answer.answer != text.strip():  # already on screen: flag what the check removed
+        print("(citations to no listed source were printed above; ignore them)")
+    _print_sources(answer)
+    return 0
+
+
+def _print_stream(tokens: Iterable[str], *, echo: bool) -> str:
+    """Print tokens as they arrive (when ``echo``); the whole text. A stream cut short
+    ends its line before the error is reported."""
+    parts: list[str] = []
+    try:
+        for token in tokens:
+            parts.append(token)
+            if echo:
+                print(token, end="", flush=True)
+    finally:
+        if echo:
+            print(flush=True)
+    return "".join(parts)
+
+
+def _print_sources(answer: Answer, *, heading: bool = True) -> None:
+    if heading:
+        print("\nSources:" if answer.sources else "\nSources: none relevant enough")
+    for number, node in enumerate(answer.sources, 1):
+        from rag_app.pipelines.query import node_source
+
+        score = None if node.score is None else round(float(node.score), 4)
+        print(f"  [{number}] {node_source(node)}  (score {score})")
+
+
+def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
+    """Every line of the file answered together; a bad line is reported, the rest answered."""
+    if args.stream:
+        raise RagAppError("--stream answers one question; drop it with --file")
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RagAppError(f"cannot read questions from {args.file}: {exc}") from None
+    questions: list[str] = []
+    failed = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            questions.append(check_question(line, cfg))
+        except RagAppError as exc:
+            failed += 1
+            print(f"rag-app: error: {args.file}:{number}: {exc}", file=sys.stderr)
+    if not questions:
+        raise RagAppError(f"no questions to answer in {args.file} (one per line)")
+
+    from rag_app.components.llm import build_llm
+    from rag_app.pipelines.answer import answer_many
+    from rag_app.pipelines.query import build_query_engine
+
+    llm = build_llm(cfg)
+    try:
+        engine = build_query_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
+        answers = answer_many(engine, questions)
+    finally:
+        close_llm(llm)
+    for answer in answers:
+        if answer.error is not None:
+            failed += 1
+            print(f"rag-app: error: {answer.question!r}: {answer.error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(answer_dict(answer)))
+        elif answer.error is None:
+            print(f"Q: {answer.question}\nA: {answer.answer}")
+            _print_sources(answer, heading=False)
+            print()
+    return 2 if failed else 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    from rag_app.components.llm import build_llm
+    from rag_app.components.retrieval import parse_filters
+    from rag_app.pipelines.chat import build_chat_engine
+
+    cfg = load_cli_config(args)
+    filters = parse_filters(args.filter)
+    llm = build_llm(cfg)
+    thread_hook = threading.excepthook
+    # LlamaIndex re-raises a failed stream in its history-writer thread too, which would
+    # print a traceback: the same error reaches this thread, and is reported in one line.
+    threading.excepthook = lambda hook_args: (
+        None if isinstance(hook_args.exc_value, RagAppError) else thread_hook(hook_args)
+    )
+    try:
+        engine = build_chat_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(
+                "Ask about your documents. /reset forgets the conversation; /exit or Ctrl-D quits."
+            )
+        while True:
+            try:
+                message = input("you> " if interactive else "").strip()
+            except EOFError:
+                break
+            if message in ("/exit", "/quit"):
+                break
+            if message == "/reset":
+                engine.reset()
+                print("(conversation forgotten)")
+                continue
+            if not message:
+                continue
+            try:
+                message = check_question(message, cfg)
+                answer = _chat_turn(engine, message)
+            except RagAppError as exc:  # e.g. the vLLM server is down: keep the conversation
+                if not interactive:
+                    raise
+                print(f"rag-app: error: {exc}", file=sys.stderr, flush=True)
+                continue
+            _print_sources(answer, heading=False)
+            print(flush=True)
+    finally:
+        threading.excepthook = thread_hook
+        close_llm(llm)
+    return 0
+
+
+def _chat_turn(engine: Any, message: str) -> Answer:
+    """One turn: streamed to a terminal, else printed whole; finished like any answer."""
+    if sys.stdout.isatty():  # tokens as they arrive
+        print("assistant> ", end="", flush=True)
+        response = engine.stream_chat(message)
+        text = _print_stream(response.response_gen, echo=True)
+        answer = finish_answer(message, text, response.source_nodes)
+        if answer.answer != text.strip():
+            print("(citations to no listed source were printed above; ignore them)")
+        return answer
+    response = engine.chat(message)
+    answer = finish_answer(message, str(response), response.source_nodes)
+    print(f"assistant> {answer.answer}")
+    return answer
