@@ -15,7 +15,9 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from rag_app import RagAppError
 from rag_app.pipelines.evaluate import QAItem, load_qa, ranked_documents, score
 
-DEV_SET = REPO / "eval" / "dev.jsonl"
+DEV_SET = REPO / "eval" / "milvus-docs" / "dev.jsonl"
+TEST_SET = REPO / "eval" / "milvus-docs" / "test.jsonl"
+KINDS = {"fact", "howto", "concept", "multi", "error", "vague", "unanswerable"}
 
 
 def test_scores_follow_the_rank_of_the_first_relevant_document():
@@ -58,17 +60,23 @@ def test_a_malformed_qa_line_is_a_one_line_error_naming_the_line(tmp_path):
         load_qa(tmp_path / "missing.jsonl")
 
 
-def test_the_development_set_is_valid_and_varied():
-    items = load_qa(DEV_SET)
-    assert len(items) >= 40
+@pytest.mark.parametrize("qa_file", [DEV_SET, TEST_SET], ids=["dev", "test"])
+def test_the_development_and_test_sets_are_valid_and_varied(qa_file):
+    items = load_qa(qa_file)
+    assert len(items) >= 56
     assert len({item.question for item in items}) == len(items)
     kinds = {item.kind for item in items}
-    assert kinds == {"fact", "howto", "concept", "multi", "unanswerable"}
+    assert kinds == KINDS
     for item in items:
         assert (item.kind == "unanswerable") == (not item.sources), item.question
         for source in item.sources:
             assert (CORPUS / source).is_file(), f"{item.question}: no page {source}"
     assert all(len(item.sources) >= 2 for item in items if item.kind == "multi")
+
+
+def test_no_question_is_in_both_the_development_and_the_test_set():
+    dev = {item.question.strip().lower() for item in load_qa(DEV_SET)}
+    assert not dev & {item.question.strip().lower() for item in load_qa(TEST_SET)}
 
 
 def test_cli_eval_prints_the_table_and_writes_json(tmp_path):
