@@ -1,7 +1,7 @@
 """Generation throughput: N concurrent questions through one vLLM engine vs one after another,
 and Hugging Face Transformers ``generate`` on the same prompts, side by side, from one run.
 
-    .venv/bin/python scripts/bench_generation.py [--corpus DIR] [--qa eval/dev.jsonl]
+    .venv/bin/python scripts/bench_generation.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl]
 
 The grounded prompts (as the query engine renders them for each question, captured
 beforehand, not timed) of the first 16 answerable questions of the QA file go to
@@ -142,7 +142,7 @@ def main() -> int:
         "--corpus", type=Path, default=REPO.parent / "shared/corpora/milvus-docs/reference"
     )
     parser.add_argument("--config", type=Path, default=REPO / "configs/cpu-small.toml")
-    parser.add_argument("--qa", type=Path, default=REPO / "eval/dev.jsonl")
+    parser.add_argument("--qa", type=Path, default=REPO / "eval/milvus-docs/dev.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

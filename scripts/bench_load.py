@@ -113,7 +113,7 @@ def main() -> int:
     parser.add_argument(
         "--corpus", type=Path, default=REPO.parent / "shared/corpora/milvus-docs/reference"
     )
-    parser.add_argument("--qa", type=Path, default=REPO / "eval/dev.jsonl")
+    parser.add_argument("--qa", type=Path, default=REPO / "eval/milvus-docs/dev.jsonl")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60)

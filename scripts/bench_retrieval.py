@@ -1,6 +1,6 @@
 """Retrieval quality of each mode, side by side, from one run over one ingested corpus.
 
-    .venv/bin/python scripts/bench_retrieval.py [--corpus DIR] [--qa eval/dev.jsonl] [-k 5]
+    .venv/bin/python scripts/bench_retrieval.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl] [-k 5]
         [--rerank-model PATH]
 
 Ingests the corpus (the Milvus documentation by default) once into a fresh Milvus Lite file
@@ -45,7 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared/corpora/milvus-docs")
     parser.add_argument("--config", type=Path, default=REPO / "configs/cpu-small.toml")
-    parser.add_argument("--qa", type=Path, default=REPO / "eval/dev.jsonl")
+    parser.add_argument("--qa", type=Path, default=REPO / "eval/milvus-docs/dev.jsonl")
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--rerank-model", help="a cross-encoder (local folder) for hybrid+rerank")
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
