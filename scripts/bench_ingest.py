@@ -1,6 +1,7 @@
 """Ingestion benchmark: rag_app's ingest against bare forward passes and naive LlamaIndex.
 
-    .venv/bin/python scripts/bench_ingest.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl] [--limit N]
+    .venv/bin/python scripts/bench_ingest.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl]
+        [--limit N]
 
 Measured in one run, on the same chunks and the same embedding model (configs/cpu-small.toml):
 

@@ -1,6 +1,7 @@
 """Retrieval quality of each mode, side by side, from one run over one ingested corpus.
 
-    .venv/bin/python scripts/bench_retrieval.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl] [-k 5]
+    .venv/bin/python scripts/bench_retrieval.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl]
+        [-k 5]
         [--rerank-model PATH]
 
 Ingests the corpus (the Milvus documentation by default) once into a fresh Milvus Lite file

@@ -42,6 +42,16 @@ step "rag_app and its pinned stack (requirements/app.txt, requirements/dev.txt)"
 "${pip[@]}" install --quiet -r requirements/app.txt -r requirements/dev.txt
 "${pip[@]}" install --quiet --no-deps -e .
 
+step "evaluation corpora (eval/corpora.json)"
+# The second corpus is the Python documentation as HTML, from Debian's python3-doc.
+if [ ! -d /usr/share/doc/python3.11/html ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc) >/dev/null
+    else
+        echo "note: the tests and benchmarks need the Python docs: sudo apt-get install python3-doc"
+    fi
+fi
+
 step "offline models (.models/)"
 .venv/bin/python scripts/fetch_models.py
 

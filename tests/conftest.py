@@ -51,7 +51,7 @@ HNSW_QUESTION = "What do the parameters for HNSW mean?"
 TIERS = ("slow", "llm", "server")
 # Fixtures that put every test using them (directly or through other fixtures) in a tier.
 TIER_FIXTURES = {
-    "slow": {"embed_model", "ingested", "session_index", "store_cfg", "slice_index"},
+    "slow": {"embed_model", "ingested", "session_index", "store_cfg", "slice_index", "cli_env"},
     "llm": {"local_llm", "vllm_server"},
     "server": {"milvus_server", "server_slice", "vllm_server", "server_cfg"},
 }

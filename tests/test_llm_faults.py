@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import CORPUS, HNSW_QUESTION, PROFILE, _free_port
+from conftest import CORPUS, HNSW_QUESTION, PROFILE, REPO, _free_port
 from llama_index.core.llms import ChatMessage
 
 from rag_app import build_llm, build_query_engine, load_config
@@ -198,6 +198,7 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "RAG_APP_MILVUS__URI": str(root / "cli.db"),
         "RAG_APP_LLM__MODE": "server",
         "RAG_APP_LLM__MODEL": "smollm2",
+        "RAG_APP_LLM__TOKENIZER": str(REPO / ".models" / "SmolLM2-135M-Instruct"),
         "RAG_APP_LLM__API_KEY": SECRET,
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # the embedding model's "Loading weights" bar
     }

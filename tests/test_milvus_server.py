@@ -66,6 +66,7 @@ def own_server(tmp_path: Path):
     milvus_server_command("stop", "--data-dir", data_dir)
 
 
+@pytest.mark.server
 def test_the_script_serves_on_loopback_only_and_stop_leaves_no_process(tmp_path):
     data_dir = tmp_path / "server"
     uri = milvus_server_command("start", "--data-dir", data_dir, "--port", "0")
@@ -87,6 +88,7 @@ def test_the_script_serves_on_loopback_only_and_stop_leaves_no_process(tmp_path)
     assert not (data_dir / "server.json").exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_milvus_is_a_one_line_error(tmp_path):
     closed = "http://127.0.0.1:9"  # nothing listens on the discard port
     started = time.monotonic()

@@ -144,6 +144,7 @@ def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index):
     assert [n.node.node_id for n in diverse] != [n.node.node_id for n in plain]
 
 
+@pytest.mark.slow
 def test_a_missing_reranker_model_is_a_one_line_error(session_cfg, tmp_path):
     cfg = with_retrieval(
         session_cfg, rerank="cross-encoder", rerank_model=str(tmp_path / "no-such-reranker")

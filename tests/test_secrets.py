@@ -192,6 +192,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return done
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_output_logs_errors_or_milvus(tmp_path, no_hf_token):
     from pymilvus import MilvusClient
 
