@@ -20,8 +20,8 @@ idf_oracle.go) and scores every segment with it.
 :func:`install` makes Lite do the same: every source of a BM25 search is scored with the row
 count, average row length and per-term document frequencies summed over the collection's
 segments (of every partition) and memtable, whatever the search's filter. As in a segment's
-own statistics, and a server's, a segment's rows count until compaction rewrites it, rows
-deleted or replaced since included.
+own statistics (and in the server's oracle, which has no path that subtracts deletions), a
+segment's rows count until compaction rewrites it, rows deleted or replaced since included.
 
 This module imports only milvus_lite and the standard library: scripts/milvus_server.py loads
 it into the Lite server process by its file path, without rag_app's heavy imports.
