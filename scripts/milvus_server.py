@@ -31,14 +31,21 @@ import time
 from pathlib import Path
 
 DEFAULT_DIR = Path("data/milvus-server")
-# The server process: milvus-lite's `server` command, with two changes. SIGINT is restored
+# The server process: milvus-lite's `server` command, with three changes. SIGINT is restored
 # (a shell's background job starts with it ignored), so `stop` can shut it down gracefully.
-# And its gRPC server accepts pymilvus's keepalive pings (one per 10 s, even when idle), as
+# Its gRPC server accepts pymilvus's keepalive pings (one per 10 s, even when idle), as
 # a Milvus server does; with gRPC's defaults it answers the third idle ping with GOAWAY
-# "too_many_pings", and the client's next call on that connection can fail.
+# "too_many_pings", and the client's next call on that connection can fail. And its BM25
+# scores with the whole collection's statistics (rag_app/compat/milvus_lite.py, its path the
+# first argument, loaded alone: the server needs none of rag_app's heavy imports).
+COMPAT = Path(__file__).resolve().parent.parent / "rag_app" / "compat" / "milvus_lite.py"
 SERVE = """
-import signal, sys
+import importlib.util, signal, sys
 import grpc
+_spec = importlib.util.spec_from_file_location("rag_app_compat_milvus_lite", sys.argv.pop(1))
+_compat = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_compat)
+_compat.install()
 signal.signal(signal.SIGINT, signal.default_int_handler)
 _grpc_server = grpc.server
 def _server(*args, options=(), **kwargs):
@@ -109,7 +116,7 @@ def start(data_dir: Path, port: int = 0, workers: int = 32, timeout: float = 60)
     uri = f"http://127.0.0.1:{port}"
     log = data_dir / "server.log"
     command = [
-        sys.executable, "-c", SERVE, "server", "--data-dir", str(data_dir / "data"),
+        sys.executable, "-c", SERVE, str(COMPAT), "server", "--data-dir", str(data_dir / "data"),
         "--host", "127.0.0.1", "--port", str(port), "--max-workers", str(workers),
     ]  # fmt: skip
     with log.open("ab") as out:

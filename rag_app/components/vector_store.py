@@ -24,6 +24,7 @@ from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pydantic import PrivateAttr
 from pymilvus import MilvusClient, MilvusException
 
+from rag_app.compat import milvus_lite as milvus_lite_compat
 from rag_app.compat.llama_index_milvus import MilvusVectorStoreCompat
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
@@ -128,9 +129,14 @@ class MilvusRetry:
 
 
 def _connect(cfg: RagConfig) -> MilvusClient:
+    """A client of the configured Milvus. A Lite file's engine runs in this process; its BM25
+    is made to score with the whole collection's statistics first (see
+    :mod:`rag_app.compat.milvus_lite`: without it, rows added since the collection was last
+    flushed, e.g. by a later ingest, are scored against themselves alone)."""
     settings = cfg.milvus
     if settings.is_lite:
         Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
+        milvus_lite_compat.install()
     try:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:

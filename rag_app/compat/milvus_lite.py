@@ -1,0 +1,168 @@
+"""Milvus Lite's BM25 scored with the whole collection's statistics, as a Milvus server does.
+
+Written for milvus-lite 3.2.2 (:data:`WRITTEN_FOR`), whose BM25 search scores each source of
+rows with statistics of its own: ``Collection._search_sparse`` (milvus_lite/engine/
+collection.py) searches every flushed segment, then the in-memory memtable, each through a
+``SparseInvertedIndex`` (milvus_lite/index/sparse_inverted.py) whose ``build`` counts that
+source's rows, their average length and each term's document frequency, and merges the
+scores as if they were comparable (its docstring's TODO says they are not). Rows written since
+the collection was last flushed (by a later ``rag-app ingest`` into a Lite file, whose previous
+process flushed on exit, or by any write since a Lite server started) form a corpus of their
+own: a new document alone in it gets, for a word only it contains, an IDF of
+log(1 + 0.5/1.5) = 0.29 instead of about 5, and ranks below documents that merely share a
+common word with the question. Flushing does not help (the rows become a small segment with
+the same statistics) and Lite has no compaction on demand (``ManualCompaction`` is a no-op).
+
+A Milvus server (2.5 and later) does not have the problem: each shard's delegator keeps one
+set of BM25 statistics over all its segments (``idfOracle``, internal/querynodev2/delegator/
+idf_oracle.go) and scores every segment with it.
+
+:func:`install` makes Lite do the same: every source of a BM25 search is scored with the row
+count, average row length and per-term document frequencies summed over the collection's
+segments (of every partition) and memtable, whatever the search's filter. As in a segment's
+own statistics (and in the server's oracle, which has no path that subtracts deletions), a
+segment's rows count until compaction rewrites it, rows deleted or replaced since included.
+
+This module imports only milvus_lite and the standard library: scripts/milvus_server.py loads
+it into the Lite server process by its file path, without rag_app's heavy imports.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WRITTEN_FOR = "3.2.2"
+_PATCHED = "_rag_app_collection_bm25"
+
+
+@dataclass(frozen=True)
+class CorpusStatistics:
+    """BM25 statistics of a whole collection, for the terms of one search."""
+
+    rows: int
+    average_length: float
+    document_frequency: dict[int, int]  # term hash -> rows containing it, every query term
+
+
+_corpus: ContextVar[CorpusStatistics | None] = ContextVar("rag_app_bm25_corpus", default=None)
+
+
+def install() -> bool:
+    """Score Milvus Lite's BM25 searches in this process with collection-wide statistics.
+
+    Idempotent. Returns False, with a warning, when milvus-lite is not installed or lacks
+    what the patch wraps (another version: see :data:`WRITTEN_FOR`); searches then work as
+    that version does.
+    """
+    try:
+        from milvus_lite.engine.collection import Collection
+        from milvus_lite.index.sparse_inverted import SparseInvertedIndex
+    except ImportError:
+        return False
+    if getattr(Collection._search_sparse, _PATCHED, False):
+        return True
+    needed = [
+        (Collection, "_search_sparse"),
+        (Collection, "_prepare_sparse_queries"),
+        (Collection, "_read_snapshot"),
+        (SparseInvertedIndex, "search"),
+    ]
+    missing = [f"{owner.__name__}.{name}" for owner, name in needed if not hasattr(owner, name)]
+    if missing:
+        log.warning(
+            "milvus-lite lacks %s: BM25 scores stay per segment (rag_app.compat.milvus_lite "
+            "was written for milvus-lite %s)", ", ".join(missing), WRITTEN_FOR,
+        )  # fmt: skip
+        return False
+
+    search_sources = Collection._search_sparse
+    score = SparseInvertedIndex.search
+
+    def _search_sparse(
+        self: Any, query_vectors: list[Any], vector_field: str, top_k: int, metric_type: str,
+        *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        search = partial(
+            search_sources, self, query_vectors, vector_field, top_k, metric_type, *args, **kwargs
+        )
+        if metric_type != "BM25":
+            return search()
+        queries = self._prepare_sparse_queries(query_vectors, vector_field)
+        token = _corpus.set(corpus_statistics(self, vector_field, queries))
+        try:
+            return search()
+        finally:
+            _corpus.reset(token)
+
+    def search(self: Any, query_sparse_vectors: Any, top_k: int, valid_mask: Any = None) -> Any:
+        corpus = _corpus.get()
+        if corpus is not None:  # the same postings and lengths, the collection's statistics
+            self = copy.copy(self)
+            self.doc_count = corpus.rows
+            self.avgdl = corpus.average_length
+            self._df = corpus.document_frequency
+        return score(self, query_sparse_vectors, top_k, valid_mask)
+
+    setattr(_search_sparse, _PATCHED, True)
+    Collection._search_sparse = _search_sparse
+    SparseInvertedIndex.search = search
+    return True
+
+
+def corpus_statistics(
+    collection: Any, field: str, queries: list[dict[int, float]]
+) -> CorpusStatistics:
+    """Rows, average length and the query terms' document frequencies of a BM25 field, over
+    all of ``collection``'s segments and its memtable."""
+    from milvus_lite.analyzer.sparse import bytes_to_sparse
+
+    terms = {term for query in queries for term in query}
+    frequency = dict.fromkeys(terms, 0)
+    rows, length = 0, 0.0
+    segments, _ = collection._read_snapshot()
+    for segment in segments:
+        index = _segment_index(collection, segment, field)
+        if index is not None:
+            rows += index.doc_count
+            length += index.avgdl * index.doc_count
+            for term in terms:
+                frequency[term] += index._df.get(term, 0)
+    for _pk, _seq, record in collection._memtable.active_record_snapshots():
+        raw = record.get(field)
+        vector = bytes_to_sparse(raw) if isinstance(raw, bytes) else (raw or {})
+        rows += 1
+        length += sum(vector.values())
+        for term in terms.intersection(vector):
+            frequency[term] += 1
+    return CorpusStatistics(rows, length / rows if rows else 0.0, frequency)
+
+
+def _segment_index(collection: Any, segment: Any, field: str) -> Any:
+    """The segment's BM25 index, built and cached as ``Collection._search_sparse`` does (which
+    then reuses it); None for an empty segment."""
+    from milvus_lite.analyzer.sparse import bytes_to_sparse
+    from milvus_lite.index.sparse_factory import create_sparse_index, sparse_index_matches
+
+    table = segment.table
+    if table is None or len(table) == 0:
+        return None
+    spec = collection._index_specs.get(field)
+    params = spec.build_params if spec else {}
+    index = segment.sparse_indexes.get(field)
+    if not sparse_index_matches(index, "BM25", params):
+        index = create_sparse_index("BM25", params)
+        index.build(
+            [
+                bytes_to_sparse(raw) if isinstance(raw, bytes) else (raw or {})
+                for raw in table.column(field).to_pylist()
+            ]
+        )
+        segment.sparse_indexes[field] = index
+    return index
