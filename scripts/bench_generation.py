@@ -67,7 +67,7 @@ class Run:
 def vllm_sequential(llm: AsyncEngineVllm, prompts: list[str]) -> Run:
     started, latencies, tokens = time.perf_counter(), [], 0
     for prompt in prompts:
-        (reply,) = llm.complete_many([prompt], formatted=True)
+        reply = llm.complete(prompt, formatted=True)
         tokens += (reply.raw or {})["completion_tokens"]
         latencies.append(time.perf_counter() - started)
     return Run("vLLM, one at a time", len(prompts), latencies[-1], tokens, latencies)
@@ -103,7 +103,7 @@ def transformers_sequential(model_dir: str, llm: AsyncEngineVllm, prompts: list[
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=llm.max_new_tokens,
                 do_sample=False,
-                pad_token_id=llm._tokenizer.eos_token_id,
+                pad_token_id=llm.tokenizer.eos_token_id,
             )
         tokens += out.shape[1] - ids.shape[1]
         latencies.append(time.perf_counter() - started)
@@ -139,7 +139,7 @@ def main() -> int:
             f"{llm.model}, at most {llm.max_new_tokens} new tokens, greedy",
             flush=True,
         )
-        llm.complete_many(prompts[:2], formatted=True)  # warm-up
+        vllm_concurrent(llm, prompts[:2])  # warm-up
         runs = []
         for n in (1, 4, 16):
             runs += [vllm_sequential(llm, prompts[:n]), vllm_concurrent(llm, prompts[:n])]
