@@ -44,7 +44,7 @@ def engine_inputs(local_llm, monkeypatch) -> list[list[int]]:
     """The token ids of every prompt the vLLM engine receives during a test; the most
     requests it held at once go to ``engine_load["peak"]``."""
     received: list[list[int]] = []
-    generate = local_llm._engine.generate
+    generate = local_llm.engine.generate
 
     async def recording_generate(prompt, *args, **kwargs):
         received.append(list(prompt["prompt_token_ids"]))
@@ -57,7 +57,7 @@ def engine_inputs(local_llm, monkeypatch) -> list[list[int]]:
             engine_load["now"] -= 1
 
     engine_load.update(now=0, peak=0)
-    monkeypatch.setattr(local_llm._engine, "generate", recording_generate)
+    monkeypatch.setattr(local_llm.engine, "generate", recording_generate)
     return received
 
 
@@ -98,16 +98,16 @@ def test_answer_is_grounded_in_retrieved_chunks_sent_through_the_chat_template(
     assert chunk_positions == sorted(chunk_positions, reverse=True)  # best chunk last
 
 
-def test_plain_completion_is_one_user_turn_of_the_template(local_llm, sent_prompts):
+def test_plain_completion_is_one_user_turn_of_the_template(local_llm, sent_prompts, engine_inputs):
     reply = local_llm.complete("Name one vector database.")
     assert reply.text.strip()
     prompt = sent_prompts[-1]  # the last event carries the text the engine received
     assert prompt.endswith(
         "<|im_start|>user\nName one vector database.<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert local_llm.token_ids(prompt)[0] == local_llm._tokenizer.convert_tokens_to_ids(
-        "<|im_start|>"
-    )
+    assert engine_inputs == [local_llm.token_ids(prompt)]
+    assert engine_inputs[0][0] == local_llm.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert local_llm.count_tokens(prompt) == len(engine_inputs[0])  # what packing counts
 
 
 def test_query_engine_plugs_into_a_query_engine_tool(session_cfg, session_index, local_llm):
@@ -167,7 +167,7 @@ def test_chat_keeps_the_conversation_and_retrieves_each_turn(
     assert [m.role.value for m in chat.chat_history] == ["user", "assistant"] * 2
     assert HNSW_QUESTION in chat.chat_history[0].content
     # Every prompt the engine received, the condensing one included, is SmolLM2's template.
-    texts = [local_llm._tokenizer.decode(ids) for ids in engine_inputs]
+    texts = [local_llm.tokenizer.decode(ids) for ids in engine_inputs]
     assert len(texts) >= 3  # answer, condense, answer
     assert all(t.startswith("<|im_start|>") for t in texts)
     assert all(t.endswith("<|im_start|>assistant\n") for t in texts)
@@ -181,14 +181,14 @@ def test_chat_sends_exactly_the_token_ids_of_the_models_chat_template(local_llm,
         ChatMessage(role="user", content="What is Milvus?"),
     ]
     assert local_llm.chat(messages).message.content.strip()
-    expected = local_llm._tokenizer.apply_chat_template(
+    expected = local_llm.tokenizer.apply_chat_template(
         [{"role": m.role.value, "content": m.content} for m in messages],
         tokenize=True,
         add_generation_prompt=True,
     )
     assert engine_inputs == [list(getattr(expected, "input_ids", expected))]
     sent = engine_inputs[0]
-    generic = local_llm._tokenizer.encode("system: Answer briefly.", add_special_tokens=False)
+    generic = local_llm.tokenizer.encode("system: Answer briefly.", add_special_tokens=False)
     assert generic not in [sent[i : i + len(generic)] for i in range(len(sent))]
 
 
@@ -227,7 +227,7 @@ def test_instructions_inside_a_document_stay_data_inside_the_user_turn(
     assert response.source_nodes[0].node.metadata["source"] == "evil.md"
 
     (sent,) = engine_inputs
-    tokenizer = local_llm._tokenizer
+    tokenizer = local_llm.tokenizer
     turn_starts = [tokenizer.decode(sent[i + 1 : i + 3]) for i, token in enumerate(sent)
                    if token == tokenizer.convert_tokens_to_ids("<|im_start|>")]  # fmt: skip
     assert [t.split("\n")[0] for t in turn_starts] == ["system", "user", "assistant"]
@@ -296,9 +296,9 @@ def test_an_abandoned_stream_aborts_its_request_in_the_engine(local_llm):
     next(stream)
     stream.close()
     deadline = time.monotonic() + 10
-    while local_llm._engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+    while local_llm.engine.get_num_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert local_llm._engine.get_num_unfinished_requests() == 0
+    assert local_llm.engine.get_num_unfinished_requests() == 0
     assert local_llm.complete("Say hello.").text.strip()  # the engine serves on
 
 
@@ -340,15 +340,16 @@ def test_cli_streams_in_local_mode(session_cfg, local_llm, monkeypatch, capsys):
 
     llm_class = type(local_llm)
     streams: list[str] = []
-    stream = llm_class._stream
+    stream = llm_class.stream_complete
 
-    def recording_stream(self, prompt, **kwargs):
-        streams.append(prompt)
-        return stream(self, prompt, **kwargs)
+    def recording_stream(self, prompt, formatted=False, **kwargs):
+        if formatted:  # the rendered prompt, on its way to the engine's token stream
+            streams.append(prompt)
+        return stream(self, prompt, formatted=formatted, **kwargs)
 
     monkeypatch.setattr(llm_module, "build_llm", lambda cfg: local_llm)
     monkeypatch.setattr(llm_class, "close", lambda self: None)  # the session's engine stays up
-    monkeypatch.setattr(llm_class, "_stream", recording_stream)
+    monkeypatch.setattr(llm_class, "stream_complete", recording_stream)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: stream by default
     monkeypatch.setenv("RAG_APP_MILVUS__URI", session_cfg.milvus.uri)
 

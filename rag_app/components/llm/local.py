@@ -1,12 +1,11 @@
-"""vLLM in-process (``llm.mode = "local"``), on vLLM's async engine.
+"""vLLM in-process (``llm.mode = "local"``), as a LlamaIndex ``CustomLLM`` on vLLM's public
+async engine (``vllm.AsyncLLMEngine``).
 
-``llama_index.llms.vllm.Vllm`` 0.8 drives vLLM's blocking ``LLM`` class: it cannot stream,
-its async methods block the event loop, and against vLLM 0.32 it also passes ``best_of``
-(removed from ``SamplingParams``), formats chat as a generic ``"user: ...\\nassistant:"``
-text instead of the model's chat template, and never shuts the engine down (the program
-hangs at exit). :class:`AsyncEngineVllm` keeps ``Vllm``'s fields and interface but runs
-vLLM's async engine (``AsyncLLM``), so tokens stream, ``acomplete``/``aquery`` are truly
-asynchronous, and concurrent requests are batched by the engine.
+The async engine lets tokens stream, keeps ``acomplete``/``aquery`` truly asynchronous, and
+batches concurrent requests. LlamaIndex's own ``Vllm`` class is not used: it drives vLLM's
+blocking ``LLM``, formats chat as generic ``"user: ..."`` text instead of the model's chat
+template, and never shuts its engine down. Only public names of both libraries are used
+here, so upgrades break loudly rather than silently.
 """
 
 from __future__ import annotations
@@ -14,39 +13,32 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import inspect
 import os
 import queue
 import threading
 import uuid
 import weakref
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-    Coroutine,
-    Iterator,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from llama_index.core.base.llms.generic_utils import (
     astream_completion_response_to_chat_response,
     completion_response_to_chat_response,
-    stream_completion_response_to_chat_response,
 )
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
-    ChatResponseGen,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
 )
+from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.llms.vllm import Vllm
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError, first_line
@@ -56,42 +48,42 @@ T = TypeVar("T")
 _DONE = object()  # end of a token stream
 
 
-class AsyncEngineVllm(Vllm):
-    """``Vllm`` on vLLM's async engine, rendering every prompt with the model's chat template.
+class AsyncEngineVllm(CustomLLM):
+    """A vLLM engine in this process, rendering every prompt with the model's chat template.
 
-    The engine (``vllm.v1.engine.async_llm.AsyncLLM``) runs on an event loop of its own, in
-    a background thread, so it serves callers on any thread or event loop: ``complete`` and
-    ``stream_complete`` block only their caller, ``acomplete`` and ``astream_complete`` await
-    without blocking the caller's loop, and whatever is in flight at once is batched.
-    A stream abandoned half-way aborts its request in the engine.
+    The engine runs on an event loop of its own, in a background thread, so it serves
+    callers on any thread or event loop: ``complete`` and ``stream_complete`` block only
+    their caller, ``acomplete`` and ``astream_complete`` await without blocking the
+    caller's loop, and whatever is in flight at once is batched. A stream abandoned
+    half-way, or a wait interrupted (Ctrl-C, a cancelled task), aborts its request.
 
     ``complete(text)`` sends ``text`` as one user turn; ``chat(messages)`` renders the
     messages (system, user, assistant) with the template and a generation prompt. The
     rendered text is what ``LLMCompletionStartEvent`` reports and what is tokenised,
-    without a second BOS token.
+    without a second BOS token. ``close()`` stops the engine.
     """
 
-    context_window: int = 4096
+    model: str = Field(description="Model folder or Hugging Face id.")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = Field(default=512, description="Most tokens in one answer.")
     seed: int | None = None
     repetition_penalty: float = 1.0
-    _tokenizer: Any = PrivateAttr()
+    context_window: int = Field(default=4096, description="The engine's max_model_len.")
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="More vllm.AsyncEngineArgs, e.g. max_num_seqs."
+    )
     _engine: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
     _loop: asyncio.AbstractEventLoop = PrivateAttr()
     _thread: threading.Thread = PrivateAttr()
 
-    def __init__(
-        self,
-        *,
-        context_window: int,
-        seed: int | None = None,
-        repetition_penalty: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        # Vllm.__init__ would start vLLM's blocking engine: set the fields without it.
-        super(Vllm, self).__init__(api_url="", **kwargs)
-        self.context_window = context_window
-        self.seed = seed
-        self.repetition_penalty = repetition_penalty
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="vllm-engine-loop", daemon=True
@@ -99,8 +91,7 @@ class AsyncEngineVllm(Vllm):
         self._thread.start()
         _live_engines[id(self)] = weakref.ref(self)
         try:
-            self._engine = self._run(self._start_engine())
-            self._tokenizer = self._engine.get_tokenizer()
+            self._run(self._start_engine())
         except BaseException:
             self.close()
             raise
@@ -109,23 +100,35 @@ class AsyncEngineVllm(Vllm):
             raise RagAppError(
                 f"model {self.model!r} has no chat template; use an instruct/chat model"
             )
+        # For LlamaIndex code that formats prompts itself (CustomLLM.chat among it).
         self.messages_to_prompt = self.render_chat
-        self.completion_to_prompt = self.render_completion  # type: ignore[assignment]
+        self.completion_to_prompt = self.render_completion
 
-    async def _start_engine(self) -> Any:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    async def _start_engine(self) -> None:
+        """Built on the engine's loop: its client binds to the loop it is created on.
 
-        args = {
-            "model": self.model,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "trust_remote_code": self.trust_remote_code,
-            "dtype": self.dtype,
-            "download_dir": self.download_dir,
-            "disable_log_stats": True,
-            **self.vllm_kwargs,
-        }
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        No local variable holds the engine: vLLM's first import keeps the importing frames
+        alive, and the engine must be collectable once ``close()`` drops it.
+        """
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        args = AsyncEngineArgs(
+            **{
+                "model": self.model,
+                "max_model_len": self.context_window,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "trust_remote_code": self.trust_remote_code,
+                "dtype": self.dtype,
+                "download_dir": self.download_dir,
+                "disable_log_stats": True,
+                **self.engine_kwargs,
+            }
+        )
+        self._engine = AsyncLLMEngine.from_engine_args(args)
+        tokenizer = self._engine.get_tokenizer()
+        if inspect.isawaitable(tokenizer):  # a coroutine in vLLM's V0 engine
+            tokenizer = await tokenizer
+        self._tokenizer = tokenizer
 
     @classmethod
     def class_name(cls) -> str:
@@ -137,18 +140,25 @@ class AsyncEngineVllm(Vllm):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            model_name=self.model or "",
+            model_name=self.model,
             context_window=self.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=True,
         )
 
     @property
-    def _model_kwargs(self) -> dict[str, Any]:
-        kwargs = {k: v for k, v in super()._model_kwargs.items() if k != "best_of"}
-        kwargs["seed"] = self.seed
-        kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
+    def engine(self) -> Any:
+        """The running ``vllm.AsyncLLMEngine`` (e.g. for ``get_num_unfinished_requests``)."""
+        if self._engine is None:
+            raise RagAppError("the vLLM engine is closed (build a new LLM)")
+        return self._engine
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, as the engine loaded it."""
+        return self._tokenizer
+
+    # -- prompts --------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> str:
         """The exact prompt text for ``messages`` under the model's chat template.
@@ -165,12 +175,17 @@ class AsyncEngineVllm(Vllm):
             self._tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         )
 
-    def render_completion(self, completion: str) -> str:
-        return self.render_chat([ChatMessage(role="user", content=completion)])
+    def render_completion(self, prompt: str) -> str:
+        """``prompt`` as one user turn of the chat template."""
+        return self.render_chat([ChatMessage(role="user", content=prompt)])
 
     def token_ids(self, rendered: str) -> list[int]:
         """Token ids for a rendered prompt; the template already holds any special tokens."""
         return list(self._tokenizer.encode(rendered, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` takes in a prompt (for packing excerpts into the window)."""
+        return len(self.token_ids(text))
 
     # -- the engine, on its own loop ------------------------------------------------------
 
@@ -188,26 +203,38 @@ class AsyncEngineVllm(Vllm):
     async def _generate(
         self, prompt: str, sink: Callable[[str], object] | None = None, **kwargs: Any
     ) -> CompletionResponse:
-        """One request; each new piece of text goes to ``sink`` as it is decoded."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """One request; each new piece of text goes to ``sink`` as it is decoded.
 
-        if self._engine is None:
-            raise RagAppError("the vLLM engine is closed (build a new LLM)")
+        Outputs are cumulative (vLLM's default), so the new piece is what extends the text
+        already seen. A request that does not finish (cancelled, failed) is aborted.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        engine = self.engine
         params = SamplingParams(
-            **{**self._model_kwargs, **kwargs}, output_kind=RequestOutputKind.DELTA
+            **{
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "max_tokens": self.max_new_tokens,
+                "seed": self.seed,
+                "repetition_penalty": self.repetition_penalty,
+                **kwargs,
+            }
         )
-        parts: list[str] = []
-        tokens = 0
-        request = {"prompt_token_ids": self.token_ids(prompt)}
-        async for output in self._engine.generate(request, params, uuid.uuid4().hex):
-            delta = output.outputs[0]
-            tokens += len(delta.token_ids)
-            if delta.text:
-                parts.append(delta.text)
-                if sink is not None:
-                    sink(delta.text)
-        return CompletionResponse(text="".join(parts), raw={"completion_tokens": tokens})
+        request_id, text, tokens, finished = uuid.uuid4().hex, "", 0, False
+        request = TokensPrompt(prompt_token_ids=self.token_ids(prompt))
+        try:
+            async for output in engine.generate(request, params, request_id):
+                completion, finished = output.outputs[0], output.finished
+                tokens = len(completion.token_ids)
+                if piece := completion.text[len(text) :]:
+                    text = completion.text
+                    if sink is not None:
+                        sink(piece)
+        finally:
+            if not finished:
+                await engine.abort(request_id)
+        return CompletionResponse(text=text, raw={"completion_tokens": tokens})
 
     def _stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         pieces: queue.Queue[Any] = queue.Queue()
@@ -236,7 +263,7 @@ class AsyncEngineVllm(Vllm):
         finally:
             future.cancel()
 
-    # -- LlamaIndex's LLM interface -------------------------------------------------------
+    # -- LlamaIndex's LLM interface (chat and stream_chat: CustomLLM's, via render_chat) --
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -285,21 +312,9 @@ class AsyncEngineVllm(Vllm):
         return gen()
 
     @llm_chat_callback()
-    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return completion_response_to_chat_response(
-            self.complete(self.render_chat(messages), formatted=True, **kwargs)
-        )
-
-    @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         response = await self.acomplete(self.render_chat(messages), formatted=True, **kwargs)
         return completion_response_to_chat_response(response)
-
-    @llm_chat_callback()
-    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return stream_completion_response_to_chat_response(
-            self.stream_complete(self.render_chat(messages), formatted=True, **kwargs)
-        )
 
     @llm_chat_callback()
     async def astream_chat(
@@ -308,19 +323,7 @@ class AsyncEngineVllm(Vllm):
         stream = await self.astream_complete(self.render_chat(messages), formatted=True, **kwargs)
         return astream_completion_response_to_chat_response(stream)
 
-    def complete_many(
-        self, prompts: Sequence[str], formatted: bool = False, **kwargs: Any
-    ) -> list[CompletionResponse]:
-        """Complete many prompts at once: vLLM batches what is in flight together, which is
-        where its throughput comes from. ``raw`` holds each reply's token count."""
-        rendered = [p if formatted else self.render_completion(p) for p in prompts]
-
-        async def together() -> list[CompletionResponse]:
-            return list(await asyncio.gather(*(self._generate(p, **kwargs) for p in rendered)))
-
-        return self._run(together())
-
-    def close(self) -> None:  # type: ignore[override]
+    def close(self) -> None:
         """Stop vLLM's engine process and the engine's loop; without it the interpreter
         hangs at exit."""
         _live_engines.pop(id(self), None)
@@ -382,7 +385,7 @@ def build_local(cfg: RagConfig) -> AsyncEngineVllm:
             context_window=settings.max_model_len,
             seed=settings.seed,
             repetition_penalty=settings.repetition_penalty,
-            vllm_kwargs={"max_model_len": settings.max_model_len, **settings.engine_kwargs},
+            engine_kwargs=settings.engine_kwargs,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         reason = first_line(exc)
