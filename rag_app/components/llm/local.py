@@ -385,9 +385,13 @@ def build_local(cfg: RagConfig) -> AsyncEngineVllm:
             context_window=settings.max_model_len,
             seed=settings.seed,
             repetition_penalty=settings.repetition_penalty,
-            engine_kwargs=settings.engine_kwargs,
+            # llm.tokenizer: the engine tokenises (and packing counts) with it, not the model's.
+            engine_kwargs={
+                **({"tokenizer": settings.tokenizer} if settings.tokenizer else {}),
+                **settings.engine_kwargs,
+            },
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:  # TypeError: a bad kwarg
         reason = first_line(exc)
         raise RagAppError(
             f"cannot start vLLM on {model!r}: {reason} (check llm.model, llm.engine_kwargs, "
