@@ -282,5 +282,10 @@ def server_cfg(session_cfg, vllm_server):
     return load_config(
         PROFILE,
         milvus__uri=session_cfg.milvus.uri,
-        llm={"mode": "server", "api_base": vllm_server, "model": "smollm2"},
+        llm={
+            "mode": "server",
+            "api_base": vllm_server,
+            "model": "smollm2",
+            "tokenizer": str(REPO / ".models" / "SmolLM2-135M-Instruct"),
+        },
     )

@@ -32,6 +32,7 @@ def served_cli(vllm_server: str, tmp_path) -> tuple[list[str], dict[str, str]]:
         "RAG_APP_LLM__MODE": "server",
         "RAG_APP_LLM__API_BASE": vllm_server,
         "RAG_APP_LLM__MODEL": "smollm2",
+        "RAG_APP_LLM__TOKENIZER": str(REPO / ".models" / "SmolLM2-135M-Instruct"),
     }
     cli = [sys.executable, "-m", "rag_app.cli"]
     ingest = subprocess.run(
@@ -73,6 +74,39 @@ def test_server_mode_sends_chat_turns_that_the_server_renders_with_the_models_te
     tokenizer = AutoTokenizer.from_pretrained(REPO / ".models" / "SmolLM2-135M-Instruct")
     expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert served == list(getattr(expected, "input_ids", expected))
+
+
+def test_server_mode_packs_long_contexts_with_the_models_tokenizer(server_cfg, session_index):
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatStartEvent
+    from transformers import AutoTokenizer
+
+    sent: list[list[dict[str, str]]] = []
+
+    class Recorder(BaseEventHandler):
+        def handle(self, event, **kwargs) -> None:
+            if isinstance(event, LLMChatStartEvent):
+                sent.append([{"role": m.role.value, "content": m.content} for m in event.messages])
+
+    wide = server_cfg.model_copy(deep=True)
+    wide.retrieval.candidates, wide.retrieval.dedupe = 40, False  # ~40 chunks, > 2048 tokens
+    llm = build_llm(wide)
+    tokenizer = AutoTokenizer.from_pretrained(wide.llm.tokenizer)
+    assert llm.tokenizer is not None  # llm.tokenizer was loaded for packing
+    recorder, dispatcher = Recorder(), get_dispatcher()
+    dispatcher.add_event_handler(recorder)
+    try:
+        engine = build_query_engine(wide, index=session_index, llm=llm, top_k=40)
+        response = engine.query(HNSW_QUESTION)  # the server refuses an over-long prompt
+    finally:
+        dispatcher.event_handlers.remove(recorder)
+    assert str(response).strip() and len(response.source_nodes) == 40
+    budget = wide.llm.max_model_len - wide.llm.max_tokens
+    rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in sent]
+    lengths = [len(getattr(ids, "input_ids", ids)) for ids in rendered]
+    assert len(lengths) > 1  # the excerpts did not fit one prompt: compact and refine
+    assert all(length <= budget for length in lengths), lengths
 
 
 def test_server_mode_streams_tokens(server_cfg, session_index):

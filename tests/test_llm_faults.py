@@ -243,12 +243,10 @@ def test_server_down_fails_in_one_line_naming_the_url_and_the_fix(cli_env, tmp_p
 
 def test_server_down_from_python_raises_rag_app_error_after_the_configured_retries():
     llm = build_llm(server_cfg(closed_port_url(), max_retries=0))
-    started = time.monotonic()
     with pytest.raises(RagAppError, match=r"connection refused \(after 1 try; start it"):
         llm.chat(MESSAGES)
-    with pytest.raises(RagAppError, match="connection refused"):
+    with pytest.raises(RagAppError, match=r"connection refused \(after 1 try; start it"):
         list(llm.stream_chat(MESSAGES))
-    assert time.monotonic() - started < 5  # no retries, no backoff
 
 
 # -- slow server --------------------------------------------------------------------------------
@@ -263,15 +261,12 @@ def test_a_server_that_never_answers_is_retried_then_reported(fake_server):
     )
     for call in (llm.chat, lambda m: list(llm.stream_chat(m))):  # a stream is retried too
         fake_server.times.clear()
-        started = time.monotonic()
         with pytest.raises(RagAppError) as caught:
             call(MESSAGES)
-        elapsed = time.monotonic() - started
         assert str(caught.value) == timeout
         assert len(fake_server.times) == 2  # the first try and one retry
-        gap = fake_server.times[1] - fake_server.times[0]
-        assert 1.0 <= gap < 3.0  # the 1 s timeout, then a backoff of under a second
-        assert elapsed < 5.0
+        # The retry came only after the first try's 1 s timeout ran out.
+        assert fake_server.times[1] - fake_server.times[0] >= 1.0
 
 
 @pytest.mark.parametrize("fake_server", ["hang"], indirect=True)
@@ -373,7 +368,7 @@ def test_a_stream_that_stalls_is_reported_after_request_timeout(proxy):
     with pytest.raises(RagAppError) as caught:
         for chunk in llm.stream_chat(MESSAGES):
             deltas.append(chunk.delta or "")
-    assert 2.0 <= time.monotonic() - started < 10.0
+    assert time.monotonic() - started >= 2.0  # given up only after the 2 s of silence
     tokens = sum(1 for d in deltas if d)
     assert tokens >= 1 and str(caught.value) == (
         f"the vLLM server at {proxy.url} sent nothing for 2 s after {tokens} tokens (the "

@@ -57,6 +57,17 @@ def wait_for_rows(uri: str, collection: str, timeout: float = 120) -> None:
     raise AssertionError("the ingest wrote nothing")
 
 
+def read_until(process: subprocess.Popen[str], text: str) -> str:
+    """The process's stderr up to and including the first line holding ``text``."""
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"the process ended without printing {text!r}: {''.join(seen)}")
+
+
 @pytest.fixture
 def own_server(tmp_path: Path):
     """A server of this test's own, to kill; yields (uri, data dir); always stopped."""
@@ -91,7 +102,6 @@ def test_the_script_serves_on_loopback_only_and_stop_leaves_no_process(tmp_path)
 @pytest.mark.slow
 def test_an_unreachable_milvus_is_a_one_line_error(tmp_path):
     closed = "http://127.0.0.1:9"  # nothing listens on the discard port
-    started = time.monotonic()
     (tmp_path / "page.md").write_text("# Page\nText.\n")
     for command in (["collections"], ["ingest", str(tmp_path)]):
         done = cli(*command, env={"RAG_APP_MILVUS__URI": closed})
@@ -102,7 +112,6 @@ def test_an_unreachable_milvus_is_a_one_line_error(tmp_path):
             .startswith("rag-app: error: cannot connect to Milvus at http://127.0.0.1:9")
         )
         assert "Traceback" not in done.stderr
-    assert time.monotonic() - started < 120
 
 
 def test_milvus_restarting_mid_ingest_is_waited_for_and_nothing_is_lost(
@@ -117,9 +126,10 @@ def test_milvus_restarting_mid_ingest_is_waited_for_and_nothing_is_lost(
     )  # fmt: skip
     wait_for_rows(uri, "rag_docs")
     os.kill(server_pid(data_dir), signal.SIGKILL)  # the server dies mid-ingest
-    time.sleep(2)
+    seen = read_until(ingest, "unreachable; retrying")  # the ingest waits for it ...
     milvus_server_command("start", "--data-dir", data_dir, "--port", uri.rsplit(":", 1)[1])
-    out, err = ingest.communicate(timeout=300)
+    out, err = ingest.communicate(timeout=300)  # ... and goes on once it is back
+    err = seen + err
     assert ingest.returncode == 0, err
     assert "ingested 10 documents" in out
     assert rows(uri, "rag_docs") == fresh_contents(

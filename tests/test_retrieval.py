@@ -129,7 +129,13 @@ def test_dense_only_options_are_refused_with_other_modes(session_cfg):
         with_retrieval(session_cfg, mode="hybrid", mmr=True)
 
 
-def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index):
+def _mean_pairwise_similarity(embed_model, nodes) -> float:
+    vectors = embed_model.get_text_embedding_batch([n.node.get_content() for n in nodes])
+    pairs = [(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1 :]]
+    return sum(sum(x * y for x, y in zip(a, b, strict=True)) for a, b in pairs) / len(pairs)
+
+
+def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index, embed_model):
     session_cfg = with_retrieval(session_cfg, mode="dense")
     plain = build_retriever(session_cfg, session_index, top_k=3).retrieve(HNSW_QUESTION)
     cutoff = plain[1].score
@@ -141,7 +147,11 @@ def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index):
         with_retrieval(session_cfg, mmr=True, mmr_threshold=0.1), session_index, top_k=3
     ).retrieve(HNSW_QUESTION)
     assert len(diverse) == 3
-    assert [n.node.node_id for n in diverse] != [n.node.node_id for n in plain]
+    assert diverse[0].node.node_id == plain[0].node.node_id  # the most relevant comes first
+    # ... and the others are picked for being unlike it: less alike than the plain top 3.
+    assert _mean_pairwise_similarity(embed_model, diverse) < _mean_pairwise_similarity(
+        embed_model, plain
+    )
 
 
 @pytest.mark.slow
