@@ -268,7 +268,6 @@ def test_a_batch_abstains_per_question_without_generating_for_it(
     )  # fmt: skip
     assert answers[1].sources
     assert len(engine_inputs) == 1  # only the second question reached the model
-    assert engine_inputs == []
 
 
 def test_local_mode_streams_tokens_as_they_are_decoded(local_llm):
@@ -375,7 +374,7 @@ def test_cli_file_reports_a_bad_line_and_answers_the_others(
     out, err = capsys.readouterr()
     answers = [json.loads(line) for line in out.splitlines()]
     assert status == 2  # not everything was answered
-    assert err.splitlines() == [
+    assert [line for line in err.splitlines() if line.startswith("rag-app:")] == [
         f"rag-app: error: {questions}:2: the question is 5000 characters long, over "
         "retrieval.max_question_chars = 4000 (shorten it, or raise the setting)"
     ]

@@ -169,7 +169,8 @@ def test_cli_query_json_and_stream_against_the_server(vllm_server, tmp_path):
     )
     assert strict.returncode == 0, strict.stderr
     assert json.loads(strict.stdout) == {
-        "answer": ABSTAIN_ANSWER, "abstained": True, "citations": [], "sources": []
+        "question": "Who won the football World Cup in 1998?",
+        "answer": ABSTAIN_ANSWER, "abstained": True, "citations": [], "sources": [],
     }  # fmt: skip
 
     streamed = subprocess.run(
