@@ -25,6 +25,7 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pydantic import PrivateAttr
 from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
@@ -114,6 +115,14 @@ def _bm25_search(
     }
 
 
+def _not_loaded(exc: MilvusException) -> bool:
+    """Whether the collection is not loaded: a restarted server holds its collections
+    released (Lite: "state 'released'") or loading (Milvus 2.3+: code 101, "collection not
+    loaded") until one is loaded."""
+    message = str(exc.message)
+    return exc.code == 101 or "state 'released'" in message or "collection not loaded" in message
+
+
 def _unreachable(exc: MilvusException) -> bool:
     """Whether the server could not be reached (as opposed to refusing the request)."""
     message = str(exc.message).lower()
@@ -131,8 +140,7 @@ def retrying(call: Callable[[], T], store: MilvusVectorStore, what: str) -> T:
         try:
             return call()
         except MilvusException as exc:
-            if "state 'released'" in str(exc.message) and time.monotonic() < deadline:
-                # A restarted server holds its collections released until one is loaded.
+            if _not_loaded(exc) and time.monotonic() < deadline:
                 with suppress(MilvusException):
                     store.client.load_collection(store.collection_name)
                 time.sleep(0.2)
@@ -298,7 +306,7 @@ class CollectionInfo:
 def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
     described: dict[str, Any] = client.describe_collection(name)
     dim, model, bm25 = _collection_facts(described)
-    rows = int(client.get_collection_stats(name).get("row_count", 0))
+    rows = _row_count(client, name)
     index: dict[str, Any] = {}
     if EMBEDDING_FIELD in client.list_indexes(name):
         index = dict(client.describe_index(name, EMBEDDING_FIELD))
@@ -316,6 +324,18 @@ def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
 
 
 _CONSISTENCY_NAMES = {0: "Strong", 1: "Session", 2: "Bounded", 3: "Eventually"}
+
+
+def _row_count(client: MilvusClient, name: str) -> int:
+    """The rows a search finds. A server's statistics count flushed segments only (0 right
+    after an ingest, deleted rows until compaction), so a loaded collection is counted;
+    only an unloaded one, which cannot be queried, falls back to the statistics."""
+    if client.get_load_state(name).get("state") == LoadState.Loaded:
+        counted = client.query(
+            name, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(counted[0]["count(*)"])
+    return int(client.get_collection_stats(name).get("row_count", 0))
 
 
 def list_collections(cfg: RagConfig) -> list[CollectionInfo]:
