@@ -74,16 +74,18 @@ def own_server(tmp_path: Path):
 def test_the_script_serves_on_loopback_only_and_stop_leaves_no_process(tmp_path):
     data_dir = tmp_path / "server"
     uri = milvus_server_command("start", "--data-dir", data_dir, "--port", "0")
-    assert uri.startswith("http://127.0.0.1:")
-    port = int(uri.rsplit(":", 1)[1])
-    found = listening_sockets(server_pid(data_dir))
-    assert list(found) == ["host"]
-    assert {port for _, port in found["host"]} == {port}
-    assert {address for address, _ in found["host"]} <= LOOPBACK  # 127.0.0.1, never 0.0.0.0
-    assert milvus_server_command("start", "--data-dir", data_dir) == uri  # already running
-    assert milvus_server_command("status", "--data-dir", data_dir).startswith(uri)
     pid = server_pid(data_dir)
-    milvus_server_command("stop", "--data-dir", data_dir)
+    try:
+        assert uri.startswith("http://127.0.0.1:")
+        port = int(uri.rsplit(":", 1)[1])
+        found = listening_sockets(pid)
+        assert list(found) == ["host"]
+        assert {port for _, port in found["host"]} == {port}
+        assert {address for address, _ in found["host"]} <= LOOPBACK  # never 0.0.0.0
+        assert milvus_server_command("start", "--data-dir", data_dir) == uri  # already running
+        assert milvus_server_command("status", "--data-dir", data_dir).startswith(uri)
+    finally:
+        milvus_server_command("stop", "--data-dir", data_dir)
     assert not process_running(pid)
     assert not (data_dir / "server.json").exists()
 
