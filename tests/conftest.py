@@ -10,8 +10,10 @@ not server"``), which loads no model and runs in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -53,11 +55,15 @@ TIERS = ("slow", "llm", "server")
 TIER_FIXTURES = {
     "slow": {"embed_model", "ingested", "session_index", "store_cfg", "slice_index", "cli_env"},
     "llm": {"local_llm", "vllm_server"},
-    "server": {"milvus_server", "server_slice", "vllm_server", "server_cfg"},
+    "server": {
+        "milvus_server", "server_slice", "vllm_server", "server_cfg",
+        "milvus_standalone", "standalone_dir", "standalone_slice",
+    },
 }
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_bm25_on_standalone(config, items)
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         for tier, fixtures in TIER_FIXTURES.items():
@@ -94,53 +100,180 @@ def small_cfg(tmp_path: Path):
 MILVUS_SERVER = REPO / "scripts" / "milvus_server.py"
 
 
-def milvus_server_command(*args: str | Path) -> str:
+def milvus_server_command(*args: str | Path, env: dict[str, str] | None = None) -> str:
     """Run scripts/milvus_server.py as a user would; returns what it printed."""
     done = subprocess.run(
         [sys.executable, str(MILVUS_SERVER), *map(str, args)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
+def server_pid(data_dir: Path) -> int:
+    """The pid (and process group) of the server that scripts/milvus_server.py runs there."""
+    return int(json.loads((data_dir / "server.json").read_text())["pid"])
+
+
+def process_group(pgid: int) -> list[int]:
+    """The live processes of a process group: a server and all it started. (Read here, not
+    taken from the script under test.)"""
+    members = []
+    for entry in Path("/proc").iterdir():
+        stat = _stat(entry) if entry.name.isdigit() else []
+        if stat and stat[0] != "Z" and int(stat[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _stat(proc: Path) -> list[str]:
+    """/proc/PID/stat's fields after the command name: state, parent, process group ..."""
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+# Milvus builds no index on a segment under 1024 rows (it searches those exhaustively);
+# the corpus slice has fewer. (Below ~16 rows Milvus 2.3.5 crashes building HNSW, SIGFPE.)
+# Milvus reads any setting from the environment too, as SECTION_SUBSECTION_KEY in capitals.
+STANDALONE_ENV = {"INDEXCOORD_SEGMENT_MINSEGMENTNUMROWSTOENABLEINDEX": "64"}
+
+
+# The `milvus` package's standalone binary exists for Linux x86_64 only.
+STANDALONE_BUILT_HERE = sys.platform == "linux" and platform.machine() == "x86_64"
+NO_STANDALONE = "the `milvus` package's standalone is built for Linux x86_64 only"
+
+
+def _session_server(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Iterator[Path]:
+    data_dir = tmp_path_factory.mktemp(f"milvus-{kind}")
+    milvus_server_command(
+        "start", "--kind", kind, "--data-dir", data_dir, "--port", "0", env=STANDALONE_ENV
+    )
+    pgid = server_pid(data_dir)
+    yield data_dir
+    milvus_server_command("stop", "--data-dir", data_dir)
+    assert not process_group(pgid), f"the Milvus {kind} server outlived `stop`"
+
+
+def server_uri(data_dir: Path) -> str:
+    return str(json.loads((data_dir / "server.json").read_text())["uri"])
+
+
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Milvus server process on 127.0.0.1 for the session, started and stopped with
+    """A Milvus Lite server process on 127.0.0.1 for the session, started and stopped with
     scripts/milvus_server.py; yields its uri. Tests give their collections unique names."""
-    data_dir = tmp_path_factory.mktemp("milvus-server")
-    uri = milvus_server_command("start", "--data-dir", data_dir, "--port", "0")
-    pid = json.loads((data_dir / "server.json").read_text())["pid"]
-    yield uri
-    milvus_server_command("stop", "--data-dir", data_dir)
-    assert not process_running(pid), "the Milvus server outlived `stop`"
+    for data_dir in _session_server(tmp_path_factory, "lite"):
+        yield server_uri(data_dir)
+
+
+@pytest.fixture(scope="session")
+def standalone_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The data dir of a real Milvus 2.3 standalone on 127.0.0.1, for the session
+    (scripts/milvus_server.py --kind standalone; ~5 s to start)."""
+    if not STANDALONE_BUILT_HERE:
+        pytest.skip(NO_STANDALONE)
+    yield from _session_server(tmp_path_factory, "standalone")
+
+
+@pytest.fixture(scope="session")
+def milvus_standalone(standalone_dir: Path) -> str:
+    """The session's Milvus standalone's uri. It has no sparse vectors: collections there
+    need ``standalone_cfg`` (dense only)."""
+    return server_uri(standalone_dir)
+
+
+def standalone_cfg(uri: str, **overrides: object):
+    """The CPU profile, dense only, on a fresh collection of a Milvus 2.3 standalone."""
+    from rag_app import load_config
+
+    settings: dict[str, object] = {
+        "milvus__uri": uri, "milvus__collection": f"t_{uuid.uuid4().hex}",
+        "milvus__bm25": False, "retrieval__mode": "dense", **overrides,
+    }  # fmt: skip
+    return load_config(PROFILE, **settings)
+
+
+def listening_sockets(pgid: int) -> dict[str, set[tuple[str, int]]]:
+    """Where the processes of a process group accept TCP connections, by network namespace
+    ("host" is this test's; a socket stays in the namespace it was opened in, whichever its
+    process is in now): {namespace: {(address as /proc/net/tcp spells it, port)}}."""
+    found: dict[str, set[tuple[str, int]]] = {}
+    for pid in process_group(pgid):
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if (target := os.readlink(fd)).startswith("socket:["):
+                    inodes.add(target[8:-1])
+        tables = {"host": Path("/proc/self/net")}
+        if (own := os.readlink(f"/proc/{pid}/ns/net")) != os.readlink("/proc/self/ns/net"):
+            tables[own] = Path(f"/proc/{pid}/net")
+        for name, folder in tables.items():
+            for table in ("tcp", "tcp6"):
+                for line in (folder / table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                        address, port = fields[1].rsplit(":", 1)
+                        found.setdefault(name, set()).add((address, int(port, 16)))
+    return found
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def interfaces(pid: int) -> list[str]:
+    """The network interfaces of a process's network namespace."""
+    lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    return [line.split(":", 1)[0].strip() for line in lines]
 
 
 def process_running(pid: int) -> bool:
     """Whether ``pid`` is a live process (an exited one that no parent reaped yet is not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = _stat(Path(f"/proc/{pid}"))
+    return bool(stat) and stat[0] != "Z"
 
 
-@pytest.fixture(params=["lite", "server"])
+# The stores the ingest, sync and retrieval tests run on. Tests marked `bm25` skip the
+# standalone (see _deselect_bm25_on_standalone).
+STORES = ["lite", "server", pytest.param("standalone", marks=pytest.mark.server)]
+
+
+def _deselect_bm25_on_standalone(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Milvus 2.3 has no sparse vectors: BM25 and hybrid tests run on Lite and its server."""
+    standalone = [
+        item
+        for item in items
+        if item.get_closest_marker("bm25")
+        and "standalone" in getattr(getattr(item, "callspec", None), "params", {}).values()
+    ]
+    if standalone:
+        config.hook.pytest_deselected(items=standalone)
+        items[:] = [item for item in items if item not in standalone]
+
+
+@pytest.fixture(params=STORES)
 def store_cfg(request: pytest.FixtureRequest, tmp_path: Path):
-    """The CPU profile on a fresh collection: in a Milvus Lite file of this test's own, then
-    on the session's Milvus server."""
+    """The CPU profile on a fresh collection: in a Milvus Lite file of this test's own, on
+    the session's Milvus Lite server, then (dense only) on the session's Milvus standalone."""
     from rag_app import load_config
 
     if request.param == "lite":
         return load_config(PROFILE, milvus__uri=str(tmp_path / "milvus.db"))
+    if request.param == "standalone":
+        return standalone_cfg(request.getfixturevalue("milvus_standalone"))
     uri = request.getfixturevalue("milvus_server")
     return load_config(PROFILE, milvus__uri=uri, milvus__collection=f"t_{uuid.uuid4().hex}")
 
 
 def contents(client_or_store, collection: str | None = None) -> set[tuple[str, str, str]]:
-    """Every row as (chunk id, document id, text)."""
+    """Every row as (chunk id, document id, text), as of every write acknowledged so far
+    (Strong: on Milvus 2.3 a delete does not advance the Session consistency of reads)."""
     client = getattr(client_or_store, "client", client_or_store)
     name = collection or client_or_store.collection_name
-    rows = client.query(name, filter='id != ""', output_fields=["id", "doc_id", "text"])
+    rows = client.query(
+        name, filter='id != ""', output_fields=["id", "doc_id", "text"], consistency_level="Strong"
+    )
     return {(r["id"], r["doc_id"], r["text"]) for r in rows}
 
 
@@ -206,12 +339,27 @@ def server_slice(milvus_server, corpus_slice, embed_model):
     return cfg, build_index(cfg, embed_model=embed_model, vector_store=store)
 
 
-@pytest.fixture(params=["lite", "server"])
+@pytest.fixture(scope="session")
+def standalone_slice(milvus_standalone, corpus_slice, embed_model):
+    """The corpus slice ingested once into an HNSW collection on the session's standalone."""
+    from rag_app import build_index, build_vector_store, ingest_path
+
+    cfg = standalone_cfg(
+        milvus_standalone, milvus__collection="slice", milvus__index_type="HNSW",
+        milvus__index_params={"M": 16, "efConstruction": 200}, milvus__search_params={"ef": 64},
+    )  # fmt: skip
+    store = build_vector_store(cfg, embed_model)
+    ingest_path(cfg, corpus_slice, embed_model=embed_model, vector_store=store)
+    return cfg, build_index(cfg, embed_model=embed_model, vector_store=store)
+
+
+@pytest.fixture(params=STORES)
 def slice_index(request: pytest.FixtureRequest):
-    """(config, index) over the ingested corpus slice: in the Lite file, then on the server."""
+    """(config, index) over the ingested corpus slice: in the Lite file, on the Lite server,
+    then (dense only) on the standalone."""
     if request.param == "lite":
         return request.getfixturevalue("session_cfg"), request.getfixturevalue("session_index")
-    return request.getfixturevalue("server_slice")
+    return request.getfixturevalue(f"{request.param}_slice")
 
 
 @pytest.fixture(scope="session")

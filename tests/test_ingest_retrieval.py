@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def rows(store: MilvusVectorStore, expr: str = 'id != ""', fields=("id", "doc_id", "text")):
-    return store.client.query(store.collection_name, filter=expr, output_fields=list(fields))
+    return store.client.query(
+        store.collection_name, filter=expr, output_fields=list(fields), consistency_level="Strong"
+    )
 
 
 def test_ingest_reports_documents_and_chunks_of_the_slice(ingested, corpus_slice):

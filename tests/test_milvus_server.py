@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROFILE, contents, fresh_contents, milvus_server_command, process_running
+from conftest import (
+    LOOPBACK,
+    PROFILE,
+    contents,
+    fresh_contents,
+    listening_sockets,
+    milvus_server_command,
+    process_running,
+    server_pid,
+)
 from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 from pymilvus import MilvusClient
 
@@ -34,10 +43,6 @@ def rows(uri: str, collection: str) -> set[tuple[str, str, str]]:
     found = contents(client, collection)
     client.close()
     return found
-
-
-def server_pid(data_dir: Path) -> int:
-    return int(json.loads((data_dir / "server.json").read_text())["pid"])
 
 
 def wait_for_rows(uri: str, collection: str, timeout: float = 120) -> None:
@@ -81,20 +86,18 @@ def own_server(tmp_path: Path):
 def test_the_script_serves_on_loopback_only_and_stop_leaves_no_process(tmp_path):
     data_dir = tmp_path / "server"
     uri = milvus_server_command("start", "--data-dir", data_dir, "--port", "0")
-    assert uri.startswith("http://127.0.0.1:")
-    port = int(uri.rsplit(":", 1)[1])
-    listening = [
-        fields[1].rsplit(":", 1)[0]
-        for table in ("/proc/net/tcp", "/proc/net/tcp6")
-        for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
-        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
-    ]
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
-    assert listening and set(listening) <= loopback  # 127.0.0.1 only, never 0.0.0.0
-    assert milvus_server_command("start", "--data-dir", data_dir) == uri  # already running
-    assert milvus_server_command("status", "--data-dir", data_dir).startswith(uri)
     pid = server_pid(data_dir)
-    milvus_server_command("stop", "--data-dir", data_dir)
+    try:
+        assert uri.startswith("http://127.0.0.1:")
+        port = int(uri.rsplit(":", 1)[1])
+        found = listening_sockets(pid)
+        assert list(found) == ["host"]
+        assert {port for _, port in found["host"]} == {port}
+        assert {address for address, _ in found["host"]} <= LOOPBACK  # never 0.0.0.0
+        assert milvus_server_command("start", "--data-dir", data_dir) == uri  # already running
+        assert milvus_server_command("status", "--data-dir", data_dir).startswith(uri)
+    finally:
+        milvus_server_command("stop", "--data-dir", data_dir)
     assert not process_running(pid)
     assert not (data_dir / "server.json").exists()
 

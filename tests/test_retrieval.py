@@ -27,6 +27,7 @@ def with_retrieval(cfg, **settings):
     return variant
 
 
+@pytest.mark.bm25
 def test_bm25_finds_an_exact_parameter_name(slice_index):
     cfg, index = slice_index
     sparse = with_retrieval(cfg, mode="sparse", dedupe=False)
@@ -52,7 +53,7 @@ def test_hybrid_search_fuses_dense_and_bm25(session_cfg, ingested, embed_model, 
     assert all(0 < n.score <= ceiling for n in found)
 
 
-@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+@pytest.mark.parametrize("mode", ["dense", pytest.param("hybrid", marks=pytest.mark.bm25)])
 def test_filters_are_evaluated_in_milvus_before_ranking(slice_index, mode):
     index = slice_index[1]
     cfg = with_retrieval(slice_index[0], mode=mode)

@@ -23,6 +23,7 @@ from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pydantic import PrivateAttr
 from pymilvus import MilvusClient, MilvusException
+from pymilvus.client.types import LoadState
 
 from rag_app.compat import milvus_lite as milvus_lite_compat
 from rag_app.compat.llama_index_milvus import MilvusVectorStoreCompat
@@ -63,6 +64,14 @@ class RagMilvusVectorStore(MilvusVectorStoreCompat):
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> Any:
         search = super().aquery
         return await self._retry.acall(lambda: search(query, **kwargs), "search")
+
+
+def _not_loaded(exc: MilvusException) -> bool:
+    """Whether the collection is not loaded: a restarted server holds its collections
+    released (Lite: "state 'released'") or loading (Milvus 2.3+: code 101, "collection not
+    loaded") until one is loaded."""
+    message = str(exc.message)
+    return exc.code == 101 or "state 'released'" in message or "collection not loaded" in message
 
 
 def _unreachable(exc: MilvusException) -> bool:
@@ -111,8 +120,8 @@ class MilvusRetry:
         self, exc: MilvusException, what: str, deadline: float, delay: float
     ) -> float:
         """Seconds to wait before the next try, or the error that ends the tries."""
-        if "state 'released'" in str(exc.message) and time.monotonic() < deadline:
-            if self.reload is not None:  # a restarted server holds its collections released
+        if _not_loaded(exc) and time.monotonic() < deadline:
+            if self.reload is not None:
                 with suppress(MilvusException):
                     self.reload()
             return 0.2
@@ -309,7 +318,7 @@ class CollectionInfo:
 def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
     described: dict[str, Any] = client.describe_collection(name)
     dim, model, bm25 = _collection_facts(described)
-    rows = int(client.get_collection_stats(name).get("row_count", 0))
+    rows = _row_count(client, name)
     index: dict[str, Any] = {}
     if EMBEDDING_FIELD in client.list_indexes(name):
         index = dict(client.describe_index(name, EMBEDDING_FIELD))
@@ -327,6 +336,18 @@ def _collection_info(client: MilvusClient, name: str) -> CollectionInfo:
 
 
 _CONSISTENCY_NAMES = {0: "Strong", 1: "Session", 2: "Bounded", 3: "Eventually"}
+
+
+def _row_count(client: MilvusClient, name: str) -> int:
+    """The rows a search finds. A server's statistics count flushed segments only (0 right
+    after an ingest, deleted rows until compaction), so a loaded collection is counted;
+    only an unloaded one, which cannot be queried, falls back to the statistics."""
+    if client.get_load_state(name).get("state") == LoadState.Loaded:
+        counted = client.query(
+            name, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(counted[0]["count(*)"])
+    return int(client.get_collection_stats(name).get("row_count", 0))
 
 
 def list_collections(cfg: RagConfig) -> list[CollectionInfo]:

@@ -131,13 +131,14 @@ def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
 
 
 def _delete_other_versions(store: MilvusVectorStore, doc_id: str, doc_hash: str) -> None:
-    """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too)."""
+    """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too).
+
+    ``not in`` matches rows without the key on every Milvus; ``!=`` does not on Lite, and
+    Milvus 2.3 cannot parse ``is null``."""
     store.client.delete(
         collection_name=store.collection_name,
-        filter=(
-            f"{store.doc_id_field} == {json.dumps(doc_id)} and "
-            f"({HASH_KEY} != {json.dumps(doc_hash)} or {HASH_KEY} is null)"
-        ),
+        filter=f"{store.doc_id_field} == {json.dumps(doc_id)} and {HASH_KEY} not in "
+        f"[{json.dumps(doc_hash)}]",
     )
 
 
