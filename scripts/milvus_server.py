@@ -144,8 +144,9 @@ def running(data_dir: Path) -> dict[str, object] | None:
 def _command(kind: str, data_dir: Path, port: int, workers: int) -> list[str]:
     if kind == "lite":
         return [
-            sys.executable, "-c", SERVE, str(COMPAT), "server", "--data-dir", str(data_dir / "data"),
-            "--host", "127.0.0.1", "--port", str(port), "--max-workers", str(workers),
+            sys.executable, "-c", SERVE, str(COMPAT), "server",
+            "--data-dir", str(data_dir / "data"), "--host", "127.0.0.1", "--port", str(port),
+            "--max-workers", str(workers),
         ]  # fmt: skip
     _standalone_package()  # fail here, in one line, rather than in the server's log
     return [sys.executable, str(Path(__file__).resolve()), "serve", "--kind", "standalone",
