@@ -19,7 +19,7 @@ from conftest import PROFILE
 
 from rag_app import build_index, build_retriever, build_vector_store, ingest_path, load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bm25]  # Milvus 2.3 has no BM25
 
 NEW_DOCUMENT = (
     "# Zebra project\n\nThe zebra project keeps its vault code here. The vault code of the "
