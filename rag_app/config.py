@@ -47,7 +47,8 @@ DEFAULT_CONFIG_NAME = "config.toml"
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "grpcs://", "unix:")
 # Set in os.environ from the secrets file (where not already set), for huggingface_hub.
 _EXPORTED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-_SECRET_KEYS = {"token", "api_key"}  # SecretStr settings: never echoed in error messages
+# SecretStr settings: never echoed in error messages
+_SECRET_KEYS = {"token", "api_key", "api_keys"}
 _SECRET_NAME = re.compile(r"(TOKEN|KEY|PASSWORD|SECRET)$", re.IGNORECASE)
 MAX_TOP_K = 100  # chunks one question may retrieve (retrieval.top_k, --top-k, the API)
 
@@ -201,6 +202,70 @@ class LLMSettings(_Section):
         return self
 
 
+_KEY_ENTRY = re.compile(r"^(?P<key>[^\s,:]{8,})(?::(?P<collections>[A-Za-z_][A-Za-z0-9_+]*))?$")
+
+
+class ServerSettings(_Section):
+    """``rag-app serve``: where it listens, who may ask, and how much one request may ask.
+
+    ``api_keys`` is read from the environment or the secrets file only
+    (``RAG_APP_SERVER__API_KEYS``), never from a config file: comma-separated keys, each
+    either alone (every collection) or as ``KEY:collection+collection`` (those only).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # Collections served, one model each in /v1/models; empty = every collection at
+    # milvus.uri that was embedded with embedding.model.
+    collections: list[str] = Field(default_factory=list)
+    api_keys: SecretStr = SecretStr("")
+    # Without keys, serve refuses any host but loopback unless this is set.
+    allow_remote_without_keys: bool = False
+    # Answers generating at once (they reach vLLM together and are batched), and answers
+    # waiting for a turn; a request beyond both gets 429.
+    max_concurrent: int = Field(32, ge=1, le=4096)
+    max_queue: int = Field(64, ge=0)
+    max_body_kb: int = Field(256, ge=1)  # larger request bodies get 413
+    max_top_k: int = Field(20, ge=1, le=MAX_TOP_K)
+    max_messages: int = Field(50, ge=1)  # turns in one chat request
+    # Seconds in-flight answers may take to finish after SIGTERM before they are cut.
+    shutdown_timeout: float = Field(30.0, gt=0)
+    access_log: bool = True
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_well_formed(cls, value: SecretStr) -> SecretStr:
+        for entry in _key_entries(value.get_secret_value()):
+            if not _KEY_ENTRY.match(entry):
+                raise ValueError(
+                    "write comma-separated KEY or KEY:collection+collection entries, "
+                    "each key at least 8 characters, without spaces, commas or colons"
+                )
+        return value
+
+    def key_scopes(self) -> dict[str, frozenset[str] | None]:
+        """Each API key and the collections it may use (``None``: all)."""
+        scopes: dict[str, frozenset[str] | None] = {}
+        for entry in _key_entries(self.api_keys.get_secret_value()):
+            match = _KEY_ENTRY.match(entry)
+            if match is not None:
+                names = match["collections"]
+                scopes[match["key"]] = frozenset(names.split("+")) if names else None
+        return scopes
+
+
+def _key_entries(text: str) -> list[str]:
+    return [entry.strip() for entry in text.split(",") if entry.strip()]
+
+
+class ClientSettings(_Section):
+    """``rag-app query`` / ``chat`` as clients of a running ``rag-app serve``."""
+
+    server_url: str = ""  # e.g. http://127.0.0.1:8080; empty = answer in this process
+    api_key: SecretStr = SecretStr("")  # RAG_APP_CLIENT__API_KEY, for a server with keys
+    timeout: float = Field(120.0, gt=0)
+
+
 def split_uri_credentials(uri: str) -> tuple[str, str | None]:
     """A server uri without its ``user:password@``, and those credentials (None if none)."""
     if not uri.startswith(_SERVER_SCHEMES[:-1]):
@@ -244,6 +309,8 @@ class RagConfig(BaseSettings):
     ingestion: IngestionSettings = Field(default_factory=lambda: IngestionSettings())
     retrieval: RetrievalSettings = Field(default_factory=lambda: RetrievalSettings())
     llm: LLMSettings = Field(default_factory=lambda: LLMSettings())
+    server: ServerSettings = Field(default_factory=lambda: ServerSettings())
+    client: ClientSettings = Field(default_factory=lambda: ClientSettings())
     source: str = Field("", exclude=True, description="the TOML file these settings came from")
 
     @classmethod
@@ -409,12 +476,13 @@ def _secrets_path(secrets_file: str | os.PathLike[str] | None) -> Path | None:
 
 def _warn_if_exposed(file: Path, data: dict[str, Any]) -> None:
     """A secret written in a config file that every user can read deserves a warning."""
-    milvus, llm = data.get("milvus"), data.get("llm")
+    milvus, llm, client = data.get("milvus"), data.get("llm"), data.get("client")
     held = [
         key
         for key, section, name in (
             ("milvus.token", milvus, "token"),
             ("llm.api_key", llm, "api_key"),
+            ("client.api_key", client, "api_key"),
         )
         if isinstance(section, dict) and section.get(name)
     ]
@@ -426,9 +494,23 @@ def _warn_if_exposed(file: Path, data: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
+def _refuse_keys_in_file(file: Path, data: dict[str, Any]) -> None:
+    """The service's API keys are never read from a config file (files get committed and
+    copied); they come from the environment or the secrets file."""
+    server = data.get("server")
+    if isinstance(server, dict) and server.get("api_keys"):
+        raise RagAppError(
+            f"server.api_keys is set in config file {file}: remove it, and set "
+            f"RAG_APP_SERVER__API_KEYS in the environment or the secrets file ({SECRETS_ENV})"
+        )
+
+
 def _register_secrets(cfg: RagConfig) -> None:
     register_secret(cfg.milvus.token.get_secret_value())
     register_secret(cfg.llm.api_key.get_secret_value())
+    register_secret(cfg.client.api_key.get_secret_value())
+    for key in cfg.server.key_scopes():
+        register_secret(key)
     for name in _EXPORTED_SECRETS:
         register_secret(os.environ.get(name, ""))
 
@@ -458,6 +540,7 @@ def load_config(
         data = _read_toml(file)
         _resolve_paths(data, file.resolve().parent)
         _warn_if_exposed(file, data)
+        _refuse_keys_in_file(file, data)
     elif named:
         raise RagAppError(f"config file not found: {file} (pass --config FILE or set {CONFIG_ENV})")
     secrets_path = _secrets_path(secrets_file)

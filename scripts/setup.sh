@@ -76,6 +76,15 @@ if [ ! -d /usr/share/doc/python3.11/html ]; then
     fi
 fi
 
+step "a headless browser for the web page test (Debian's chromium)"
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+    else
+        echo "note: the web page test needs a browser: sudo apt-get install chromium"
+    fi
+fi
+
 step "offline models (.models/)"
 HF_HUB_DISABLE_PROGRESS_BARS=1 .venv/bin/python scripts/fetch_models.py
 

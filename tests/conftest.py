@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -54,10 +55,16 @@ TIERS = ("slow", "llm", "server")
 # Fixtures that put every test using them (directly or through other fixtures) in a tier.
 TIER_FIXTURES = {
     "slow": {"embed_model", "ingested", "session_index", "store_cfg", "slice_index", "cli_env"},
-    "llm": {"local_llm", "vllm_server"},
+    "llm": {"local_llm", "vllm_server", "rag_server"},
     "server": {
-        "milvus_server", "server_slice", "vllm_server", "server_cfg",
-        "milvus_standalone", "standalone_dir", "standalone_slice",
+        "milvus_server",
+        "server_slice",
+        "vllm_server",
+        "server_cfg",
+        "rag_server",
+        "milvus_standalone",
+        "standalone_dir",
+        "standalone_slice",
     },
 }
 
@@ -437,3 +444,147 @@ def server_cfg(session_cfg, vllm_server):
             "tokenizer": str(REPO / ".models" / "SmolLM2-135M-Instruct"),
         },
     )
+
+
+# rag-app serve: one process for the session, with one key for everything and one limited
+# to the second collection.
+SERVE_KEYS = {"full": "sk-test-full-3f9a1c07d2", "team": "sk-test-team-8b64e5a190"}
+SERVE_PAGES = ["reference/index.md", "reference/consistency.md", "reference/metric.md",
+               "reference/mmap.md"]  # fmt: skip
+TEAM_PAGE = "reference/replica.md"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, their children ...)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+class RagServer:
+    """A real ``rag-app serve`` process on 127.0.0.1 (SmolLM2 in vLLM, a Milvus Lite file).
+    ``ensure()`` starts it again if a test stopped it (the SIGTERM test does)."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.loading_reply: tuple[int, dict] | None = None  # a request while loading
+
+    def start(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = self.root / f"serve-{port}.log"
+        command = [sys.executable, "-m", "rag_app.cli", "serve", "--port", str(port),
+                   "--secrets", str(self.root / "secrets.env")]  # fmt: skip
+        with self.log_path.open("w") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
+        deadline = time.monotonic() + 300
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rag-app serve exited: {self.log()[-3000:]}")
+            status = _status(self.url + "/readyz")
+            if status == 200:
+                return
+            if status == 503 and self.loading_reply is None:
+                self.loading_reply = _get(self.url + "/v1/models", SERVE_KEYS["full"])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rag-app serve not ready in 300 s: {self.log()[-3000:]}")
+            time.sleep(0.5)
+
+    def ensure(self) -> RagServer:
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict:
+        status, body = _get(self.url + "/metrics", SERVE_KEYS["full"])
+        assert status == 200, body
+        return body
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return None
+
+
+def _get(url: str, key: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return int(reply.status), json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+@pytest.fixture(scope="session")
+def rag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagServer]:
+    """``rag-app serve`` for the whole session over two collections: ``rag_docs`` (a few
+    Milvus reference pages) and ``team_kb`` (one);
+    API keys from a secrets file, the full one and one limited to ``team_kb``. A small
+    admission gate (2 answering, 2 waiting), so that 429 can be reached."""
+    root = tmp_path_factory.mktemp("rag-serve")
+    for folder, pages in (("docs", SERVE_PAGES), ("team", [TEAM_PAGE])):
+        for page in pages:
+            (root / folder / page).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(CORPUS / page, root / folder / page)
+    keys = f"{SERVE_KEYS['full']},{SERVE_KEYS['team']}:team_kb"
+    (root / "secrets.env").write_text(f"RAG_APP_SERVER__API_KEYS={keys}\n")
+    env = {
+        **os.environ,
+        "RAG_APP_CONFIG": str(PROFILE),
+        "RAG_APP_MILVUS__URI": str(root / "serve.db"),
+        "RAG_APP_SERVER__MAX_CONCURRENT": "2",
+        "RAG_APP_SERVER__MAX_QUEUE": "2",
+        "RAG_APP_SERVER__SHUTDOWN_TIMEOUT": "60",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    # Both collections in one child process (one model load), which then frees the file.
+    ingest = (
+        "import sys\n"
+        "from rag_app import build_embed_model, ingest_path, load_config\n"
+        "model = build_embed_model(load_config())\n"
+        "for folder, name in (('docs', 'rag_docs'), ('team', 'team_kb')):\n"
+        "    cfg = load_config(milvus__collection=name)\n"
+        "    ingest_path(cfg, sys.argv[1] + '/' + folder, embed_model=model, progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", ingest, str(root)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    server = RagServer(root, env)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

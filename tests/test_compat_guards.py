@@ -44,3 +44,20 @@ def test_openai_llm_still_builds_its_client_from_the_overridden_credential_kwarg
     assert llm.max_retries == 0  # LlamaIndex's own retry layer stays off
     assert llm._get_client().max_retries == 5
     assert llm._get_aclient().max_retries == 5
+
+
+def test_milvus_lite_still_builds_its_in_process_server_through_grpc_server(monkeypatch):
+    import grpc
+    import milvus_lite.adapter.grpc.server as lite_server
+    from milvus_lite import server_manager
+
+    from rag_app.compat import milvus_lite
+
+    assert "grpc.server(" in inspect.getsource(lite_server._build_server)
+    assert "_build_server(" in inspect.getsource(lite_server.start_server_in_thread)
+    assert "start_server_in_thread" in inspect.getsource(server_manager)
+    assert milvus_lite.accept_keepalive_pings() and milvus_lite.accept_keepalive_pings()
+    seen: list[object] = []
+    monkeypatch.setattr(grpc, "server", lambda *args, options=(), **kw: seen.append(options))
+    lite_server.grpc.server(None, options=[("grpc.max_send_message_length", 1)])
+    assert seen == [[("grpc.max_send_message_length", 1), *milvus_lite.PING_OPTIONS]]

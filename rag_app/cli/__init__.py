@@ -134,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "e.g. --filter source=reference/* --filter doc_type=markdown",
     )
     query.add_argument("--json", action="store_true", help="print one JSON object")
+    _server_option(query)
     query.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
@@ -147,6 +148,20 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--filter", action="append", default=[], metavar="KEY=VALUE", help="as for query"
     )
+    _server_option(chat)
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="a long-lived service: OpenAI-compatible API, MCP at /mcp, a web page at /",
+    )
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: server.port, 8080)")
+
+    mcp = commands.add_parser(
+        "mcp", parents=[common], help="the MCP tools over stdio (for Claude Desktop, Cursor ...)"
+    )
+    _server_option(mcp)
 
     collections = commands.add_parser(
         "collections", parents=[common], help="list the collections (or drop one)"
@@ -169,6 +184,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _server_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="ask a running `rag-app serve` at URL instead of loading the models here "
+        "(default: client.server_url; its key: RAG_APP_CLIENT__API_KEY)",
+    )
+
+
 def load_cli_config(args: argparse.Namespace, **overrides: Any) -> RagConfig:
     """The settings, with ``--config``, ``--secrets`` and ``--collection`` applied."""
     from rag_app.config import load_config
@@ -188,14 +212,30 @@ def close_llm(llm: object) -> None:
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     if name in ("query", "chat"):
-        from rag_app.cli import answers
+        return lambda args: _answer_command(name, args)
+    if name in ("serve", "mcp"):
+        from rag_app.cli import serve
 
-        return answers.query if name == "query" else answers.chat
+        return serve.serve if name == "serve" else serve.mcp
     from rag_app.cli import manage
 
     return {"ingest": manage.ingest, "collections": manage.collections, "eval": manage.evaluate}[
         name
     ]
+
+
+def _answer_command(name: str, args: argparse.Namespace) -> int:
+    """``query`` and ``chat``: through a running server when one is named (no model is
+    loaded here, nor LlamaIndex imported), else in this process."""
+    cfg = load_cli_config(args)
+    url = args.server or cfg.client.server_url
+    if url:
+        from rag_app.cli import remote
+
+        return remote.query(args, cfg, url) if name == "query" else remote.chat(args, cfg, url)
+    from rag_app.cli import answers
+
+    return answers.query(args, cfg) if name == "query" else answers.chat(args, cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,18 +11,24 @@ import json
 import sys
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from rag_app.cli import close_llm, load_cli_config
+from rag_app.cli import close_llm
+from rag_app.cli.output import CITATIONS_NOTE, print_sources, question_lines
+from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
-from rag_app.pipelines.answer import Answer, answer_dict, check_question, finish_answer
+from rag_app.pipelines.answer import (
+    Answer,
+    answer_dict,
+    check_question,
+    finish_answer,
+    source_dicts,
+)
 
 
-def query(args: argparse.Namespace) -> int:
+def query(args: argparse.Namespace, cfg: RagConfig) -> int:
     from rag_app.components.retrieval import parse_filters
 
-    cfg = load_cli_config(args)
     if (args.question is None) == (args.file is None):
         raise RagAppError("give a question or --file FILE, not both")
     filters = parse_filters(args.filter)
@@ -51,7 +57,7 @@ def query(args: argparse.Namespace) -> int:
     if not stream:
         print(answer.answer)
     elif answer.answer != text.strip():  # already on screen: flag what the check removed
-        print("(citations to no listed source were printed above; ignore them)")
+        print(CITATIONS_NOTE)
     _print_sources(answer)
     return 0
 
@@ -72,28 +78,16 @@ def _print_stream(tokens: Iterable[str], *, echo: bool) -> str:
 
 
 def _print_sources(answer: Answer, *, heading: bool = True) -> None:
-    if heading:
-        print("\nSources:" if answer.sources else "\nSources: none relevant enough")
-    for number, node in enumerate(answer.sources, 1):
-        from rag_app.pipelines.query import node_source
-
-        score = None if node.score is None else round(float(node.score), 4)
-        print(f"  [{number}] {node_source(node)}  (score {score})")
+    print_sources(source_dicts(answer.sources), heading=heading)
 
 
 def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     """Every line of the file answered together; a bad line is reported, the rest answered."""
     if args.stream:
         raise RagAppError("--stream answers one question; drop it with --file")
-    try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RagAppError(f"cannot read questions from {args.file}: {exc}") from None
     questions: list[str] = []
     failed = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in question_lines(args.file):
         try:
             questions.append(check_question(line, cfg))
         except RagAppError as exc:
@@ -125,12 +119,11 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     return 2 if failed else 0
 
 
-def chat(args: argparse.Namespace) -> int:
+def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
     from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
     from rag_app.pipelines.chat import build_chat_engine
 
-    cfg = load_cli_config(args)
     filters = parse_filters(args.filter)
     llm = build_llm(cfg)
     thread_hook = threading.excepthook
@@ -183,7 +176,7 @@ def _chat_turn(engine: Any, message: str) -> Answer:
         text = _print_stream(response.response_gen, echo=True)
         answer = finish_answer(message, text, response.source_nodes)
         if answer.answer != text.strip():
-            print("(citations to no listed source were printed above; ignore them)")
+            print(CITATIONS_NOTE)
         return answer
     response = engine.chat(message)
     answer = finish_answer(message, str(response), response.source_nodes)

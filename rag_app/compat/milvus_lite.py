@@ -25,6 +25,15 @@ segment's rows count until compaction rewrites it, rows deleted or replaced sinc
 
 This module imports only milvus_lite and the standard library: scripts/milvus_server.py loads
 it into the Lite server process by its file path, without rag_app's heavy imports.
+
+:func:`accept_keepalive_pings` fixes a second difference, for a Lite file opened in this
+process: milvus-lite's in-process gRPC server (``_build_server`` in milvus_lite/adapter/grpc/
+server.py) takes gRPC's defaults for client pings, under which pymilvus's keepalive (a ping
+every 10 s, even with no call in flight) earns a GOAWAY "too_many_pings" after about 30 idle
+seconds, and the next client opened on that file (which shares the connection) fails with
+"Fail connecting to server". A command that lasts seconds never meets it; ``rag-app serve``
+does. A Milvus server accepts such pings; scripts/milvus_server.py gives its Lite server
+process the same options (:data:`PING_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -40,6 +49,44 @@ log = logging.getLogger(__name__)
 
 WRITTEN_FOR = "3.2.2"
 _PATCHED = "_rag_app_collection_bm25"
+# What a Milvus server allows: pings as often as every 5 s, idle or not, without strikes.
+PING_OPTIONS = (
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+class _PingTolerantGrpc:
+    """milvus-lite's view of the ``grpc`` module: the same, but its servers accept pings."""
+
+    def __init__(self, grpc: Any) -> None:
+        self._grpc = grpc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grpc, name)
+
+    def server(self, *args: Any, options: Any = (), **kwargs: Any) -> Any:
+        return self._grpc.server(*args, options=[*options, *PING_OPTIONS], **kwargs)
+
+
+def accept_keepalive_pings() -> bool:
+    """Make the gRPC servers that milvus-lite starts in this process from now on accept
+    pymilvus's keepalive pings. Idempotent; False (nothing changed) without milvus-lite, or
+    when its server module no longer builds servers through ``grpc.server``."""
+    try:
+        from milvus_lite.adapter.grpc import server as lite_server
+    except ImportError:
+        return False
+    current = getattr(lite_server, "grpc", None)
+    if isinstance(current, _PingTolerantGrpc):
+        return True
+    if current is None or not callable(getattr(current, "server", None)):
+        log.warning("milvus-lite's gRPC server module changed: idle clients may be dropped "
+                    "(rag_app.compat.milvus_lite was written for %s)", WRITTEN_FOR)  # fmt: skip
+        return False
+    lite_server.grpc = _PingTolerantGrpc(current)  # type: ignore[assignment]
+    return True
 
 
 @dataclass(frozen=True)

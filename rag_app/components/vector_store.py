@@ -146,6 +146,7 @@ def _connect(cfg: RagConfig) -> MilvusClient:
     if settings.is_lite:
         Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
         milvus_lite_compat.install()
+        milvus_lite_compat.accept_keepalive_pings()  # long-lived processes: rag-app serve
     try:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:

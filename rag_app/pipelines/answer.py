@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +86,55 @@ async def aanswer(engine: RetrieverQueryEngine, question: str) -> Answer:
     response = await engine.asynthesize(bundle, nodes)
     timings = {"retrieve": retrieved, "total": time.perf_counter() - started}
     return finish_answer(question, str(response), response.source_nodes, timings)
+
+
+async def astream_answer(
+    engine: RetrieverQueryEngine, question: str
+) -> AsyncGenerator[str | Answer, None]:
+    """Answer one question as it is generated: the tokens, then the finished
+    :class:`Answer` (timings "retrieve", "first_token", "total").
+
+    ``engine`` is built with ``streaming=True``. Closing the generator early (a reader
+    that went away) aborts the request in the generator; so does cancelling its task.
+    """
+    from llama_index.core.schema import QueryBundle
+
+    started = time.perf_counter()
+    bundle = QueryBundle(question)
+    nodes = await engine.aretrieve(bundle)
+    timings = {"retrieve": time.perf_counter() - started}
+    response = await engine.asynthesize(bundle, nodes)
+    parts: list[str] = []
+    tokens = _response_tokens(response)
+    try:
+        async for token in tokens:
+            if not parts:
+                timings["first_token"] = time.perf_counter() - started
+            parts.append(token)
+            yield token
+    finally:
+        await tokens.aclose()  # at once, not when garbage is collected
+    timings["total"] = time.perf_counter() - started
+    yield finish_answer(question, "".join(parts), response.source_nodes, timings)
+
+
+async def _response_tokens(response: Any) -> AsyncGenerator[str, None]:
+    """The text of a synthesizer's response as it arrives, whatever kind it is (a stream
+    from the LLM, the fixed abstention, or a whole answer)."""
+    from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
+
+    if isinstance(response, AsyncStreamingResponse):
+        stream = response.async_response_gen()
+        try:
+            async for token in stream:
+                yield token
+        finally:
+            await stream.aclose()
+    elif isinstance(response, StreamingResponse) and response.response_gen is not None:
+        for token in response.response_gen:
+            yield token
+    else:
+        yield str(response)
 
 
 async def aanswer_many(

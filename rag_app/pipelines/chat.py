@@ -7,14 +7,21 @@ postprocessors); the answer comes from those excerpts, with their sources on the
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import suppress
+
 from llama_index.core import VectorStoreIndex
 from llama_index.core.chat_engine import CondensePlusContextChatEngine
-from llama_index.core.llms import LLM
+from llama_index.core.llms import LLM, ChatMessage
+from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.vector_stores.types import MetadataFilters
 
 from rag_app.components.llm import build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.config import RagConfig
+from rag_app.pipelines.answer import Answer, finish_answer
 from rag_app.pipelines.query import build_index
 from rag_app.prompts import CHAT_CONTEXT_PROMPT, CHAT_CONTEXT_REFINE_PROMPT, CHAT_SYSTEM_PROMPT
 
@@ -26,14 +33,54 @@ def build_chat_engine(
     llm: LLM | None = None,
     top_k: int | None = None,
     filters: MetadataFilters | None = None,
+    retriever: BaseRetriever | None = None,
 ) -> CondensePlusContextChatEngine:
-    """A chat engine with memory; ``engine.chat(message)`` answers with ``source_nodes``."""
-    index = index or build_index(cfg)
+    """A chat engine with memory; ``engine.chat(message)`` answers with ``source_nodes``.
+
+    ``retriever``: one already built (a service shares one per collection and options
+    across its per-request engines); else one is built from ``top_k`` and ``filters``.
+    """
+    if retriever is None:
+        retriever = build_retriever(cfg, index or build_index(cfg), top_k=top_k, filters=filters)
     llm = llm or build_llm(cfg)
     return CondensePlusContextChatEngine.from_defaults(
-        retriever=build_retriever(cfg, index, top_k=top_k, filters=filters),
+        retriever=retriever,
         llm=llm,
         system_prompt=CHAT_SYSTEM_PROMPT,
         context_prompt=CHAT_CONTEXT_PROMPT,
         context_refine_prompt=CHAT_CONTEXT_REFINE_PROMPT,
     )
+
+
+async def astream_chat_answer(
+    engine: CondensePlusContextChatEngine, message: str, history: Sequence[ChatMessage]
+) -> AsyncGenerator[str | Answer, None]:
+    """One turn of a conversation given whole (``history``: the turns before ``message``),
+    as it is generated: the tokens, then the finished :class:`Answer` (timings "retrieve"
+    (condensed and retrieved), "first_token", "total").
+
+    The engine's memory is replaced by ``history``, so a stateless caller (the HTTP
+    service) passes each request's conversation and builds one engine per request.
+    Closing the generator early, or cancelling its task, aborts the generation.
+    """
+    started = time.perf_counter()
+    response = await engine.astream_chat(message, chat_history=list(history))
+    timings = {"retrieve": time.perf_counter() - started}
+    # The engine generates in a task of its own that feeds the stream: stop it with us.
+    writer = response.awrite_response_to_history_task
+    parts: list[str] = []
+    tokens = response.async_response_gen()
+    try:
+        async for token in tokens:
+            if not parts:
+                timings["first_token"] = time.perf_counter() - started
+            parts.append(token)
+            yield token
+    finally:
+        await tokens.aclose()
+        if writer is not None and not writer.done():
+            writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await writer
+    timings["total"] = time.perf_counter() - started
+    yield finish_answer(message, "".join(parts), response.source_nodes, timings)

@@ -14,6 +14,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.response_synthesizers import CompactAndRefine
 from llama_index.core.response_synthesizers.base import QueryTextType
+from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.vector_stores.types import MetadataFilters
 from llama_index.vector_stores.milvus import MilvusVectorStore
@@ -144,13 +145,16 @@ def build_query_engine(
     top_k: int | None = None,
     filters: MetadataFilters | None = None,
     streaming: bool = False,
+    retriever: BaseRetriever | None = None,
 ) -> RetrieverQueryEngine:
     """The grounded query engine: retrieve ``top_k`` chunks, answer from them with sources.
 
     ``filters`` (e.g. from :func:`rag_app.components.retrieval.parse_filters`) restrict the
-    search in Milvus itself.
+    search in Milvus itself. ``retriever``: one already built, used instead (a service
+    shares one between its streaming and whole-answer engines).
     """
-    index = index or build_index(cfg)
+    if retriever is None:
+        retriever = build_retriever(cfg, index or build_index(cfg), top_k=top_k, filters=filters)
     llm = llm or build_llm(cfg)
     synthesizer = GroundedSynthesizer(
         llm=llm,
@@ -160,6 +164,6 @@ def build_query_engine(
         prompt_helper=_prompt_helper(llm),
     )
     return RetrieverQueryEngine(
-        retriever=build_retriever(cfg, index, top_k=top_k, filters=filters),
+        retriever=retriever,
         response_synthesizer=synthesizer,
     )
