@@ -211,16 +211,12 @@ class RagService:
 
     def engine_requests(self) -> int | None:
         """Requests the local vLLM engine holds unfinished (``None`` in server mode)."""
-        # ``engine`` since AsyncEngineVllm moved to vLLM's public API; ``_engine`` before.
-        for name in ("engine", "_engine"):
-            try:
-                engine = getattr(self.llm, name, None)
-            except RagAppError:  # closed
-                return None
-            count = getattr(engine, "get_num_unfinished_requests", None)
-            if callable(count):
-                return int(count())
-        return None
+        try:
+            engine = getattr(self.llm, "engine", None)
+        except RagAppError:  # closed
+            return None
+        count = getattr(engine, "get_num_unfinished_requests", None)
+        return int(count()) if callable(count) else None
 
     def metrics(self) -> dict[str, Any]:
         return {
