@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_app.cli import close_llm, load_cli_config
+from rag_app.display import one_line, terminal_text
 from rag_app.errors import RagAppError
 from rag_app.pipelines.answer import Answer, answer_dict, check_question, finish_answer
 
@@ -49,7 +50,7 @@ def query(args: argparse.Namespace) -> int:
         print(json.dumps(answer_dict(answer)))
         return 0
     if not stream:
-        print(answer.answer)
+        print(terminal_text(answer.answer))
     elif answer.answer != text.strip():  # already on screen: flag what the check removed
         print("(citations to no listed source were printed above; ignore them)")
     _print_sources(answer)
@@ -64,7 +65,7 @@ def _print_stream(tokens: Iterable[str], *, echo: bool) -> str:
         for token in tokens:
             parts.append(token)
             if echo:
-                print(token, end="", flush=True)
+                print(terminal_text(token), end="", flush=True)
     finally:
         if echo:
             print(flush=True)
@@ -78,7 +79,7 @@ def _print_sources(answer: Answer, *, heading: bool = True) -> None:
         from rag_app.pipelines.query import node_source
 
         score = None if node.score is None else round(float(node.score), 4)
-        print(f"  [{number}] {node_source(node)}  (score {score})")
+        print(f"  [{number}] {one_line(node_source(node))}  (score {score})")
 
 
 def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
@@ -98,7 +99,7 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
             questions.append(check_question(line, cfg))
         except RagAppError as exc:
             failed += 1
-            print(f"rag-app: error: {args.file}:{number}: {exc}", file=sys.stderr)
+            print(f"rag-app: error: {one_line(args.file)}:{number}: {exc}", file=sys.stderr)
     if not questions:
         raise RagAppError(f"no questions to answer in {args.file} (one per line)")
 
@@ -115,11 +116,12 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     for answer in answers:
         if answer.error is not None:
             failed += 1
-            print(f"rag-app: error: {answer.question!r}: {answer.error}", file=sys.stderr)
+            error = one_line(answer.error)
+            print(f"rag-app: error: {one_line(repr(answer.question))}: {error}", file=sys.stderr)
         if args.json:
             print(json.dumps(answer_dict(answer)))
         elif answer.error is None:
-            print(f"Q: {answer.question}\nA: {answer.answer}")
+            print(f"Q: {one_line(answer.question)}\nA: {terminal_text(answer.answer)}")
             _print_sources(answer, heading=False)
             print()
     return 2 if failed else 0
@@ -187,5 +189,5 @@ def _chat_turn(engine: Any, message: str) -> Answer:
         return answer
     response = engine.chat(message)
     answer = finish_answer(message, str(response), response.source_nodes)
-    print(f"assistant> {answer.answer}")
+    print(f"assistant> {terminal_text(answer.answer)}")
     return answer

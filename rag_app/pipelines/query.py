@@ -79,7 +79,11 @@ class GroundedSynthesizer(CompactAndRefine):
 
 def excerpts_best_last(texts: Sequence[str]) -> list[str]:
     """Retrieved texts (best first) as the prompt shows them: quoted as data, numbered as
-    the sources are, separated, and in reverse so the best sits next to the question."""
+    the sources are, separated, and in reverse so the best sits next to the question.
+
+    The prompt templates quote their document variables too (see
+    :func:`rag_app.prompts.chat_template`); quoting here, before the excerpts are packed,
+    makes the packing count the text the model will receive."""
     numbered = number_excerpts([quote_as_data(text) for text in texts])
     return [CHUNK_SEPARATOR.lstrip("\n") + text for text in reversed(numbered)]
 
