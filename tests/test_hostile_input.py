@@ -232,3 +232,45 @@ def test_filter_values_are_literal_and_unknown_keys_are_reported(small_cfg, embe
     message = str(error.value)
     assert message.startswith("no chunk in collection 'rag_docs' has the metadata key 'sourse'")
     assert "doc_type" in message and "source" in message and "title" in message
+
+
+def test_every_string_the_escaper_writes_matches_itself_in_milvus_lite(tmp_path):
+    """The round trip of tests/test_properties.py, against the real parser: any text as a
+    schema field and as a dynamic (metadata) field, by equality and by prefix."""
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    from rag_app.components.milvus_expr import equals, starts_with
+
+    client = MilvusClient(uri=str(tmp_path / "literals.db"))
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=True)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("doc_id", DataType.VARCHAR, max_length=65_535)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=2)
+    client.create_collection("t", schema=schema)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="FLAT", metric_type="IP")
+    client.create_index("t", index)
+    client.load_collection("t")
+    inserted: dict[str, set[str]] = {}
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=30))
+    @example('café "q" \\ \\u00e9 \n\r\t 😀 %_ $meta["x"] \' or id != ""')
+    def check(value: str) -> None:
+        row = str(sum(map(len, inserted.values())))
+        client.insert("t", [{"id": row, "doc_id": value, "source": value, "embedding": [1, 0]}])
+        inserted.setdefault(value, set()).add(row)
+
+        def hits(expression: str) -> set[str]:
+            return {r["id"] for r in client.query("t", filter=expression, output_fields=["id"])}
+
+        assert hits(equals("doc_id", value)) == hits(equals("source", value)) == inserted[value]
+        prefixed = {r for v, rs in inserted.items() if v.startswith(value[:3]) for r in rs}
+        assert hits(starts_with("doc_id", value[:3])) == prefixed
+        assert hits(starts_with("source", value[:3])) == prefixed
+
+    try:
+        check()
+    finally:
+        client.close()

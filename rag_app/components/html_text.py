@@ -46,7 +46,10 @@ _ATTRIBUTE = re.compile(
     rf"""(?:[{_SPACE}]*=[{_SPACE}]*("[^"]*(?:"|\Z)|'[^']*(?:'|\Z)|[^{_SPACE}>]*))?"""
 )
 _COMMENT_END = re.compile(r"--!?>")
-_LINE_BREAKS_AS_SPACES = str.maketrans("\r\n", "  ")
+# Every character str.splitlines() breaks at: outside <pre> all are spaces, inside all but \n.
+_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_BREAKS_AS_SPACES = str.maketrans(_BREAKS, " " * len(_BREAKS))
+_OTHER_BREAKS_AS_SPACES = str.maketrans(_BREAKS[1:], " " * (len(_BREAKS) - 1))
 _end_tag_cache: dict[str, re.Pattern[str]] = {}
 
 
@@ -138,7 +141,7 @@ class _PageText:
             return
         # Outside <pre>, a line break in the source is a space, as a browser shows it.
         flowing = self._heading_at is not None or not self._pre
-        self._emit(text.translate(_LINE_BREAKS_AS_SPACES) if flowing else text)
+        self._emit(text.translate(_BREAKS_AS_SPACES if flowing else _OTHER_BREAKS_AS_SPACES))
 
     def _emit(self, text: str) -> None:
         self._regions["page"].append(text)
