@@ -8,15 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_app.components.readers import (
-    MAX_TITLE_CHARS,
-    Parsed,
-    UnreadableFile,
-    discover,
-    load_document,
-    load_documents,
-    parse_html,
-)
+from rag_app.components.readers import UnreadableFile, discover, load_document, load_documents
 
 
 def make_pdf(path: Path, text: str, title: str) -> Path:
@@ -210,7 +202,7 @@ def test_titles_and_headings_are_bounded_and_long_paths_are_read(tmp_path):
     (tmp_path / "fm.md").write_text("---\ntitle: " + "T" * 5000 + "\n---\nBody.\n")
     for path in (deep / "long.md", tmp_path / "fm.md"):
         doc = load_document(path, tmp_path)
-        assert len(doc.metadata["title"]) <= MAX_TITLE_CHARS
+        assert len(doc.metadata["title"]) <= 300  # readers.MAX_TITLE_CHARS
         assert doc.metadata["title"].endswith("…")
     assert load_document(deep / "long.md", tmp_path).doc_id == (
         (deep / "long.md").relative_to(tmp_path).as_posix()
@@ -292,17 +284,23 @@ def test_html_keeps_headings_as_markdown_lines_without_permalinks():
     page = PYTHON_DOCS / "library" / "functools.html"
     if not page.is_file():
         pytest.skip("python3-doc is not installed (scripts/setup.sh installs it)")
-    parsed = parse_html(page.read_bytes())
+    parsed = load_document(page, page.parent)
     headings = [line for line in parsed.text.splitlines() if line.startswith("#")]
     assert headings[0] == "# functools — Higher-order functions and operations on callable objects"
     assert "## partial Objects" in headings
     assert "¶" not in parsed.text
     assert "Quick search" not in parsed.text and "Previous topic" not in parsed.text  # sidebar
-    assert parsed.title.startswith("functools — Higher-order functions")
+    assert parsed.metadata["title"].startswith("functools — Higher-order functions")
     assert "Sometimes called “memoize”." in parsed.text  # source line breaks are spaces
 
 
-def test_html_text_extraction_rules():
+def html_text(tmp_path: Path, markup: bytes) -> tuple[str, str]:
+    (tmp_path / "page.html").write_bytes(markup)
+    document = load_document(tmp_path / "page.html", tmp_path)
+    return document.text, document.metadata["title"]
+
+
+def test_html_text_extraction_rules(tmp_path):
     html = (
         "<html><head><title> The  Title </title><style>p{}</style></head><body>"
         "<nav>Menu</nav><header>Banner</header><div role='navigation'>Sidebar</div>"
@@ -311,15 +309,16 @@ def test_html_text_extraction_rules():
         "<li>two</ul><pre>code  line 1\ncode line 2</pre><h3></h3><script>alert(1)</script>"
         "</main><footer>Footer</footer></body></html>"
     )
-    assert parse_html(html.encode()) == Parsed(
-        "## Section x\nFirst paragraph.\none\ntwo\ncode line 1\ncode line 2", "The Title"
+    assert html_text(tmp_path, html.encode()) == (
+        "## Section x\nFirst paragraph.\none\ntwo\ncode line 1\ncode line 2",
+        "The Title",
     )
-    no_main = parse_html(b"<body><p>a</p><article><p>in article</p></article></body>")
-    assert no_main.text == "in article"
+    no_main = html_text(tmp_path, b"<body><p>a</p><article><p>in article</p></article></body>")
+    assert no_main == ("in article", "page")
 
 
 @pytest.mark.timeout(60)  # BeautifulSoup took 190 s on this page (its work was quadratic)
-def test_deeply_nested_html_parses_in_linear_work():
+def test_deeply_nested_html_parses_in_linear_work(tmp_path):
     """440 KB of 40,000 nested <div>s parses, with its text, well within the timeout; the
     tokenizer never recurses (it runs with almost no stack to spare) and keeps a flat stack,
     so stray end tags under deep nesting cost nothing either."""
@@ -333,9 +332,9 @@ def test_deeply_nested_html_parses_in_linear_work():
     sys.setrecursionlimit(len(inspect.stack()) + 40)
     try:
         started = time.perf_counter()
-        assert parse_html(page).text == "before\nx\nafter"
+        assert html_text(tmp_path, page)[0] == "before\nx\nafter"
         seconds = time.perf_counter() - started
-        assert parse_html(deeper).text == "x"
+        assert html_text(tmp_path, deeper)[0] == "x"
     finally:
         sys.setrecursionlimit(limit)
     print(f"\n40,000 nested divs ({len(page) / 1000:.0f} KB) parsed in {seconds:.2f} s")
