@@ -87,6 +87,13 @@ def equals(name: str, value: object) -> str:
     return f"{operand(name)} == {literal(value)}"
 
 
+def absent_or_not(name: str, value: object) -> str:
+    """Rows whose metadata key ``name`` is missing or differs from ``value``. (Milvus Lite
+    reads ``!=`` on a missing key as unknown and a Milvus 2.3 server has no ``is null``;
+    ``exists`` means the same on both.)"""
+    return f"(not (exists {operand(name)}) or {operand(name)} != {literal(value)})"
+
+
 def one_of(name: str, values: Iterable[object]) -> str:
     return f"{operand(name)} in {literal(list(values))}"
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from rag_app.components.chunking import chunk_documents
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
-from rag_app.components.milvus_expr import ALL_ROWS, equals, literal, one_of, operand
+from rag_app.components.milvus_expr import ALL_ROWS, absent_or_not, equals, one_of
 from rag_app.components.readers import (
     PARSERS,
     UnreadableFile,
@@ -141,13 +141,9 @@ def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
 
 def _delete_other_versions(store: MilvusVectorStore, doc_id: str, doc_hash: str) -> None:
     """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too)."""
-    version = operand(HASH_KEY)
     store.client.delete(
         collection_name=store.collection_name,
-        filter=(
-            f"{equals(store.doc_id_field, doc_id)} and "
-            f"({version} != {literal(doc_hash)} or {version} is null)"
-        ),
+        filter=f"{equals(store.doc_id_field, doc_id)} and {absent_or_not(HASH_KEY, doc_hash)}",
     )
 
 
