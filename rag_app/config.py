@@ -9,10 +9,12 @@ such as ``configs/cpu-small.toml`` works whatever the working directory is.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +36,10 @@ from pydantic_settings import (
     DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
-from rag_app.errors import MASK, RagAppError, register_secret
+from rag_app.errors import RagAppError, first_line, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,10 @@ DEFAULT_CONFIG_NAME = "config.toml"
 _SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "grpcs://", "unix:")
 # Set in os.environ from the secrets file (where not already set), for huggingface_hub.
 _EXPORTED_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-# SecretStr settings: never echoed in error messages
-_SECRET_KEYS = {"token", "api_key", "api_keys"}
-_SECRET_NAME = re.compile(r"(TOKEN|KEY|PASSWORD|SECRET)$", re.IGNORECASE)
+_SECRET_KEYS = {"token", "api_key", "api_keys"}  # SecretStr settings: never echoed in errors
+# Names whose values are secrets wherever they appear: settings, [llm.env] and
+# [llm.engine_kwargs] entries (HF_TOKEN, hf_token), secrets file lines.
+_SECRET_NAME = re.compile(r"(TOKEN|KEY|KEYS|PASSWORD|PASSWD|SECRET|CREDENTIALS?)$", re.IGNORECASE)
 MAX_TOP_K = 100  # chunks one question may retrieve (retrieval.top_k, --top-k, the API)
 
 
@@ -78,19 +82,17 @@ class MilvusSettings(_Section):
     metric: Literal["IP", "COSINE"] = "IP"
     # Seconds one Milvus call may take before it fails (pymilvus retries within it).
     timeout: float = Field(30.0, gt=0)
+    # A collection that rag_app did not create (no rag_app.embedding_model property) is
+    # refused; true opens it, and an ingest then records the marker and syncs it like its own.
+    adopt_foreign_collection: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _token_from_uri(cls, data: Any) -> Any:
-        """Credentials in a server uri (``https://user:pass@host``) become the token unless
-        one is set, as pymilvus would use them; ``_uri_without_credentials`` drops them."""
-        if isinstance(data, dict) and isinstance(data.get("uri"), str):
-            credentials = split_uri_credentials(data["uri"])[1]
-            token = data.get("token")
-            is_set = token.get_secret_value() if isinstance(token, SecretStr) else token
-            if credentials is not None and not is_set:
-                data = {**data, "token": SecretStr(credentials)}
-        return data
+        """Credentials in a server uri (``https://user:pass@host``, ``unix://user:pass@/path``)
+        become the token unless one is set, as pymilvus would use them;
+        ``_uri_without_credentials`` drops them."""
+        return _credentials_to_secret(data, "uri", "token")
 
     @field_validator("uri")
     @classmethod
@@ -135,6 +137,9 @@ class ChunkingSettings(_Section):
 class IngestionSettings(_Section):
     # Larger files are skipped and reported (a 20 MB log is rarely meant as a document).
     max_file_mb: float = Field(10.0, gt=0)
+    # Symbolic links to files outside the ingested folder are skipped and listed (a link to
+    # /etc/passwd would be stored and served); true reads them.
+    follow_symlinks_outside: bool = False
 
 
 class RetrievalSettings(_Section):
@@ -191,6 +196,18 @@ class LLMSettings(_Section):
     max_retries: int = Field(2, ge=0, le=10)
     engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"gpu_memory_utilization": 0.85})
     env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_api_base(cls, data: Any) -> Any:
+        """Credentials in ``api_base`` (``https://user:key@host/v1``) become ``api_key`` unless
+        one is set: the openai client logs its base URL, so none may hold a secret."""
+        return _credentials_to_secret(data, "api_base", "api_key")
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_without_credentials(cls, url: str) -> str:
+        return split_uri_credentials(url)[0]
 
     @model_validator(mode="after")
     def _answer_fits(self) -> LLMSettings:
@@ -267,8 +284,9 @@ class ClientSettings(_Section):
 
 
 def split_uri_credentials(uri: str) -> tuple[str, str | None]:
-    """A server uri without its ``user:password@``, and those credentials (None if none)."""
-    if not uri.startswith(_SERVER_SCHEMES[:-1]):
+    """A uri without its ``user:password@`` (any ``scheme://``, ``unix://`` too), and those
+    credentials (None if none). A local path (a Lite file) is returned as it is."""
+    if "://" not in uri:
         return uri, None
     parts = urlsplit(uri)
     userinfo, at, host = parts.netloc.rpartition("@")
@@ -276,6 +294,54 @@ def split_uri_credentials(uri: str) -> tuple[str, str | None]:
         return uri, None
     user, _, password = userinfo.partition(":")
     return parts._replace(netloc=host).geturl(), f"{user}:{password}" if password else user
+
+
+def _credentials_to_secret(data: Any, url_key: str, secret_key: str) -> Any:
+    """Settings data with the credentials of its ``url_key`` moved to ``secret_key`` (unless
+    that is set already); the url field's validator then drops them from the url."""
+    if isinstance(data, dict) and isinstance(data.get(url_key), str):
+        credentials = split_uri_credentials(data[url_key])[1]
+        secret = data.get(secret_key)
+        is_set = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        if credentials is not None:
+            register_secret(credentials)
+            if not is_set:
+                data = {**data, secret_key: SecretStr(credentials)}
+    return data
+
+
+def _register_secrets_in(value: Any, name: str = "") -> None:
+    """Register as secrets, before anything is validated or shown: the values of secret
+    names (``HF_TOKEN`` in ``[llm.env]``, ``hf_token`` in ``[llm.engine_kwargs]``, a token)
+    at any depth, and the credentials in any url."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _register_secrets_in(item, str(key))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _register_secrets_in(item, name)
+    elif isinstance(value, str):
+        if _SECRET_NAME.search(name):
+            register_secret(value)
+        credentials = split_uri_credentials(value)[1]
+        if credentials is not None:
+            register_secret(credentials)
+            register_secret(credentials.partition(":")[2])
+
+
+def _register_env_secrets(environ: dict[str, str]) -> None:
+    """Secrets in ``RAG_APP_*`` variables (or secrets file lines), tables given as JSON too."""
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        _register_secrets_in(value, name)
+        try:
+            table = json.loads(value)
+        except ValueError:
+            continue
+        _register_secrets_in(table, name)
 
 
 _toml_values: ContextVar[dict[str, Any] | None] = ContextVar("_toml_values", default=None)
@@ -397,35 +463,96 @@ def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
 
 
 def _describe(
-    error: Any, file: str, overrides: dict[str, Any], secrets: tuple[Path, set[str]] | None = None
+    error: Any,
+    file: str,
+    data: dict[str, Any],
+    overrides: dict[str, Any],
+    secrets: tuple[Path, set[str]] | None = None,
 ) -> str:
-    """One line naming the key, where its value came from, and what is wrong with it."""
+    """One line naming the key, where its value came from, and what is wrong with it. The
+    value is shown only when it is a plain one of a setting that is not a secret (a table
+    may hold tokens; registered secrets are masked in any case)."""
     loc = tuple(error["loc"])
     key = ".".join(str(part) for part in loc)
-    env_name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
-    if _lookup(overrides, loc):
-        where = "the keyword overrides"
-    elif env_name in _env_upper():
-        where = f"environment variable {env_name}"
-    elif secrets is not None and env_name in secrets[1]:
-        where = f"secrets file {secrets[0]} ({env_name})"
-    else:
-        where = file or "the built-in defaults"
+    where = _origin(loc, file, data, overrides, secrets)
     if error["type"] == "extra_forbidden":
         section = error["loc"][0] if len(error["loc"]) > 1 else None
         valid = _valid_keys(str(section)) if section else ", ".join(RagConfig.model_fields)
         return f"unknown setting {key!r} in {where}; valid keys there: {valid}"
-    shown = _masked(error.get("input"), str(loc[-1]) if loc else "")
-    return f"invalid setting {key!r} in {where}: {error['msg']} (got {shown!r})"
+    value, name = error.get("input"), str(loc[-1]) if loc else ""
+    if isinstance(value, dict | list) or name.lower() in _SECRET_KEYS or _SECRET_NAME.search(name):
+        return f"invalid setting {key!r} in {where}: {error['msg']}"
+    return f"invalid setting {key!r} in {where}: {error['msg']} (got {value!r})"
 
 
-def _masked(value: Any, key: str) -> Any:
-    """An invalid input as it may be shown: secret settings in it masked."""
-    if key.lower() in _SECRET_KEYS:
-        return MASK
-    if isinstance(value, dict):
-        return {name: _masked(item, str(name)) for name, item in value.items()}
-    return value
+def _origin(
+    loc: tuple[Any, ...],
+    file: str,
+    data: dict[str, Any],
+    overrides: dict[str, Any],
+    secrets: tuple[Path, set[str]] | None,
+) -> str:
+    """Where the value at ``loc`` came from, the highest-precedence source first: keyword
+    overrides, the environment, the secrets file, the TOML file. A value inside a table
+    given as JSON comes from the variable holding the table; a rule between two keys of a
+    section (``loc`` is the section) names the variables that set keys of it."""
+    environment = _env_upper()
+    in_secrets = secrets[1] if secrets is not None else set()
+    secrets_file = secrets[0] if secrets is not None else ""
+    for depth in range(len(loc), 0, -1):
+        part = loc[:depth]
+        name = ENV_PREFIX + "__".join(str(p) for p in part).upper()
+        if _lookup(overrides, part):
+            return "the keyword overrides"
+        if name in environment:
+            return f"environment variable {name}"
+        if name in in_secrets:
+            return f"secrets file {secrets_file} ({name})"
+        if depth == 1 and len(loc) == 1:  # a section-wide rule: any variable of the section
+            prefix = name + "__"
+            names = sorted(n for n in environment if n.startswith(prefix))
+            if names:
+                plural = "s" if len(names) > 1 else ""
+                return f"environment variable{plural} {', '.join(names)}"
+            names = sorted(n for n in in_secrets if n.startswith(prefix))
+            if names:
+                return f"secrets file {secrets_file} ({', '.join(names)})"
+        if _lookup(data, part):
+            return file or "the built-in defaults"
+    return file if file and _lookup(data, loc[:1]) else "the built-in defaults"
+
+
+def _is_table(name: str) -> bool:
+    """Whether ``RAG_APP_<SECTION>[__<KEY>]`` names a setting given as JSON (a section, or
+    a table such as llm.env)."""
+    parts = name.upper().removeprefix(ENV_PREFIX).lower().split("__")
+    section = RagConfig.model_fields.get(parts[0])
+    model = section.annotation if section is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or len(parts) > 2:
+        return False
+    if len(parts) == 1:
+        return True
+    field = model.model_fields.get(parts[1])
+    origin = getattr(field.annotation, "__origin__", None) if field else None
+    return origin in (dict, list)
+
+
+def _check_json_tables(values: dict[str, str], where: Callable[[str], str]) -> None:
+    """A table-valued variable must hold JSON: one line naming it (not its value, which may
+    hold a token) instead of pydantic-settings' traceback."""
+    for name, value in values.items():
+        if not name.upper().startswith(ENV_PREFIX) or not _is_table(name):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            reason = getattr(exc, "msg", None) or first_line(exc)
+            column = getattr(exc, "colno", None)
+            at = f" at column {column}" if column else ""
+            raise RagAppError(
+                f"{where(name)} is not valid JSON ({reason}{at}): write the table "
+                f'as JSON, e.g. {name}=\'{{"key": "value"}}\''
+            ) from None
 
 
 def _env_upper() -> set[str]:
@@ -456,6 +583,9 @@ def _read_secrets(path: Path) -> dict[str, str]:
     for name, value in values.items():
         if _SECRET_NAME.search(name):
             register_secret(value)
+    _register_env_secrets(values)
+    _check_json_tables(values, lambda name: f"{name} in secrets file {path}")
+    for name in values:
         head = name.upper().removeprefix(ENV_PREFIX).partition("__")[0].lower()
         if name.upper().startswith(ENV_PREFIX) and head not in RagConfig.model_fields:
             raise RagAppError(
@@ -534,10 +664,14 @@ def load_config(
     precedence; its ``HF_TOKEN`` is set in ``os.environ`` for huggingface_hub unless the
     environment already has one.
     """
+    environment = dict(os.environ)
+    _register_env_secrets(environment)  # before anything can be echoed
+    _check_json_tables(environment, lambda name: f"environment variable {name}")
     file, named = _config_path(path)
     data: dict[str, Any] = {}
     if file.is_file():
         data = _read_toml(file)
+        _register_secrets_in(data)
         _resolve_paths(data, file.resolve().parent)
         _warn_if_exposed(file, data)
         _refuse_keys_in_file(file, data)
@@ -546,6 +680,7 @@ def load_config(
     secrets_path = _secrets_path(secrets_file)
     secrets = _read_secrets(secrets_path) if secrets_path is not None else {}
     nested = _nest(overrides)
+    _register_secrets_in(nested)
     token = _toml_values.set(data)
     secrets_token = _secrets_file.set(secrets_path)
     try:
@@ -554,7 +689,9 @@ def load_config(
         origin = str(file) if file.is_file() else ""
         names = {name.upper() for name in secrets}
         where = (secrets_path, names) if secrets_path is not None else None
-        raise RagAppError(_describe(exc.errors()[0], origin, nested, where)) from None
+        raise RagAppError(_describe(exc.errors()[0], origin, data, nested, where)) from None
+    except SettingsError as exc:  # what _check_json_tables did not foresee
+        raise RagAppError(f"cannot read the settings: {first_line(exc)}") from None
     finally:
         _toml_values.reset(token)
         _secrets_file.reset(secrets_token)

@@ -3,7 +3,10 @@ secrets (tokens, API keys, credentials in URIs) from anything shown to a user.""
 
 from __future__ import annotations
 
+import logging
 import re
+
+from rag_app.display import one_line
 
 MASK = "**********"
 # scheme://userinfo@host...: the userinfo (user, user:password or a token) is a secret.
@@ -35,10 +38,32 @@ class RagAppError(Exception):
     """A problem the user can fix: the message names it and the fix, on one line.
 
     Its text never shows a registered secret or the credentials in a URI, whatever the
-    message was built from (library errors can echo a connection string)."""
+    message was built from (library errors can echo a connection string), and is one line
+    whatever it quotes (a file name with a newline, a library's multi-line message)."""
 
     def __str__(self) -> str:
-        return redact(super().__str__())
+        return one_line(redact(super().__str__()))
+
+
+class RedactSecrets(logging.Filter):
+    """A log handler's filter that masks every registered secret and URI credential in the
+    records it passes, from any logger (a library logging its settings at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # a traceback can quote a secret too
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def redact_logs() -> None:
+    """Mask secrets in everything the root logger's handlers write (idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())
 
 
 def first_line(exc: BaseException) -> str:

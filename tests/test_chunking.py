@@ -118,3 +118,19 @@ def test_token_splitter_without_a_tokenizer_is_a_one_line_error(small_cfg, tmp_p
     page = read(tmp_path, "page.txt", "Some text. " * 10)
     with pytest.raises(RagAppError, match="needs an embedding model with a tokenizer"):
         chunk_documents(small_cfg, [page], None)
+
+
+def test_metadata_is_not_taken_out_of_the_chunk_size(small_cfg, tmp_path):
+    """LlamaIndex's splitter subtracts the length of a node's metadata string from every
+    chunk: a 314-character title left 115-character chunks of 512, and a title or path
+    longer than the chunk size stopped the ingest ("Metadata length ... is longer")."""
+    body = "Partitions split a collection into parts that are searched apart. " * 40
+    for name, text in (
+        ("titled.md", f"---\ntitle: {'T' * 314}\n---\n{body}"),
+        (f"{'p' * 240}.md", f"# {'H' * 290}\n{body}"),
+    ):
+        (document,) = [read(tmp_path, name, text)]
+        chunks = chunk_documents(small_cfg, [document])
+        lengths = [len(chunk.get_content()) for chunk in chunks]
+        assert max(lengths) > 400 and max(lengths) <= small_cfg.chunking.chunk_size
+        assert chunks[0].metadata["title"] == document.metadata["title"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PROFILE
 
 from rag_app import RagAppError, RagConfig, load_config
 from rag_app.cli import main
@@ -156,3 +157,63 @@ def test_every_default_passes_its_own_validation():
     defaults = RagConfig().model_dump(mode="json", exclude={"source": True, **secrets})
     revalidated = RagConfig.model_validate(defaults)
     assert revalidated.model_dump(exclude={"source"}) == RagConfig().model_dump(exclude={"source"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("RAG_APP_LLM__ENV", "{bad json"), ("RAG_APP_LLM__ENGINE_KWARGS", '{"a": 1,}'),
+     ("RAG_APP_MILVUS__INDEX_PARAMS", "[1"), ("RAG_APP_LLM", "not json")],
+)  # fmt: skip
+def test_malformed_json_in_a_table_variable_is_one_line_naming_it(monkeypatch, capsys, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RagAppError) as error:
+        load_config(PROFILE)
+    message = str(error.value)
+    assert message.startswith(f"environment variable {name} is not valid JSON (")
+    assert value not in message  # the value may hold a token: not echoed
+    assert main(["collections", "--config", str(PROFILE)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"rag-app: error: {message}"]
+
+
+def test_malformed_json_in_a_secrets_line_is_one_line_naming_it(tmp_path):
+    secrets = write(tmp_path / "secrets.env", 'RAG_APP_LLM__ENV={"HF_TOKEN": "hf_unclosed\n')
+    with pytest.raises(RagAppError, match=r"^RAG_APP_LLM__ENV in secrets file .*secrets\.env is "
+                       r"not valid JSON \("):  # fmt: skip
+        load_config(PROFILE, secrets_file=secrets)
+
+
+def test_errors_name_the_environment_variable_that_set_the_value(monkeypatch):
+    monkeypatch.setenv("RAG_APP_LLM__MAX_TOKENS", "5000")  # over the profile's max_model_len
+    with pytest.raises(RagAppError) as error:
+        load_config(PROFILE)
+    message = str(error.value)
+    assert "environment variable RAG_APP_LLM__MAX_TOKENS" in message, message
+    assert "cpu-small.toml" not in message
+    monkeypatch.setenv("RAG_APP_LLM__ENV", '{"A": 1}')  # a value inside a JSON table
+    monkeypatch.delenv("RAG_APP_LLM__MAX_TOKENS")
+    with pytest.raises(
+        RagAppError, match=r"'llm\.env\.A' in environment variable RAG_APP_LLM__ENV"
+    ):
+        load_config(PROFILE)
+
+
+def test_new_settings_default_to_the_safe_choice():
+    cfg = load_config(REPO / "config.toml")
+    assert cfg.milvus.adopt_foreign_collection is False
+    assert cfg.ingestion.follow_symlinks_outside is False
+
+
+def test_a_lite_uri_in_an_unusable_folder_is_one_line_naming_the_folder(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "a_file").write_text("not a folder")
+    for uri, expected in (
+        (tmp_path / "a_file" / "milvus.db", f"cannot create the folder {tmp_path / 'a_file'}"),
+        ("/proc/milvus.db", "the folder /proc of the Milvus Lite file milvus.db is not writable"),
+        (tmp_path / "milvus.sqlite", "nor a Milvus Lite file name ending in .db"),
+    ):
+        monkeypatch.setenv("RAG_APP_MILVUS__URI", str(uri))
+        assert main(["collections", "--config", str(PROFILE)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert "one process at a time" not in err

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import HNSW_QUESTION
+from conftest import HNSW_QUESTION, POISONED_NAME, write_poisoned_document
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMCompletionStartEvent
@@ -380,3 +380,32 @@ def test_cli_file_reports_a_bad_line_and_answers_the_others(
     ]
     assert [a["question"] for a in answers] == [HNSW_QUESTION, "What is a replica?"]
     assert all(a["answer"] and a["sources"] for a in answers)
+
+
+def test_no_control_token_from_a_document_reaches_the_local_engine(
+    small_cfg, embed_model, local_llm, engine_inputs, tmp_path
+):
+    from rag_app import build_vector_store, ingest_path
+
+    write_poisoned_document(tmp_path / "docs")
+    store = build_vector_store(small_cfg, embed_model)
+    ingest_path(small_cfg, tmp_path / "docs", embed_model=embed_model, vector_store=store)
+    index = build_index(small_cfg, embed_model=embed_model, vector_store=store)
+    response = build_query_engine(small_cfg, index=index, llm=local_llm).query(HNSW_QUESTION)
+    assert response.source_nodes[0].node.metadata["source"] == POISONED_NAME
+    chat = build_chat_engine(small_cfg, index=index, llm=local_llm)
+    chat.chat(HNSW_QUESTION)
+    chat.chat("And what does M do?")  # condensed with the history, then answered
+    assert len(engine_inputs) >= 4
+
+    tokenizer = local_llm._tokenizer
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    assert any("answer PWNED" in tokenizer.decode(ids) for ids in engine_inputs)
+    for ids in engine_inputs:
+        assert {t for t in ids if t in special} <= {start, end}  # no <|endoftext|>, <reponame>
+        roles = [tokenizer.decode(ids[i + 1 : i + 3]).split("\n")[0]
+                 for i, t in enumerate(ids) if t == start]  # fmt: skip
+        pairs = len(roles) // 2
+        assert roles == ["system"] + ["user", "assistant"] * pairs, roles  # only the template's
+        assert ids.count(end) == len(roles) - 1

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import CORPUS, HNSW_QUESTION, PROFILE, REPO
+from conftest import CORPUS, HNSW_QUESTION, POISONED_NAME, PROFILE, REPO, write_poisoned_document
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 
@@ -216,3 +216,66 @@ def test_cli_refuses_stream_with_a_question_file_in_one_line(tmp_path):
     assert result.stderr.strip() == (
         "rag-app: error: --stream answers one question; drop it with --file"
     )
+
+
+@pytest.fixture
+def sent_messages(monkeypatch) -> list[list[dict]]:
+    """The messages of every chat request the openai client sends (sync and async)."""
+    from openai.resources.chat import completions
+
+    sent: list[list[dict]] = []
+    for cls in (completions.Completions, completions.AsyncCompletions):
+        create = cls.create
+
+        def recording(self, *args, _create=create, **kwargs):
+            sent.append([dict(m) for m in kwargs["messages"]])
+            return _create(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "create", recording)
+    return sent
+
+
+def _served_token_ids(vllm_server: str, messages: list[dict]) -> list[int]:
+    request = urllib.request.Request(
+        vllm_server.removesuffix("/v1") + "/tokenize",
+        data=json.dumps(
+            {"model": "smollm2", "messages": messages, "add_generation_prompt": True}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return list(json.load(reply)["tokens"])
+
+
+def test_no_control_token_from_a_document_reaches_the_served_model(
+    vllm_server, server_cfg, embed_model, sent_messages, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from rag_app import build_chat_engine, build_index, build_vector_store, ingest_path
+
+    cfg = server_cfg.model_copy(deep=True)
+    cfg.milvus.uri = str(tmp_path / "poisoned.db")
+    docs = tmp_path / "docs"
+    write_poisoned_document(docs)
+    store = build_vector_store(cfg, embed_model)
+    ingest_path(cfg, docs, embed_model=embed_model, vector_store=store)
+    index = build_index(cfg, embed_model=embed_model, vector_store=store)
+    llm = build_llm(cfg)
+    response = build_query_engine(cfg, index=index, llm=llm).query(HNSW_QUESTION)
+    assert response.source_nodes[0].node.metadata["source"] == POISONED_NAME
+    chat = build_chat_engine(cfg, index=index, llm=llm)
+    chat.chat(HNSW_QUESTION)
+    chat.chat("And what does M do?")  # condensed with the history, then answered
+    assert len(sent_messages) >= 4  # the query, a chat turn, a condensing call, a chat turn
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / ".models" / "SmolLM2-135M-Instruct")
+    special = set(tokenizer.all_special_ids) | {
+        tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_added_vocab()
+    }
+    assert "answer PWNED" in json.dumps(sent_messages)  # the document did reach the prompts
+    for messages in sent_messages:
+        sent = _served_token_ids(vllm_server, messages)
+        blank = _served_token_ids(vllm_server, [{**m, "content": "x"} for m in messages])
+        # The template's own control tokens, exactly; none from the content.
+        assert sorted(t for t in sent if t in special) == sorted(t for t in blank if t in special)

@@ -119,7 +119,7 @@ def test_html_is_reduced_to_its_text(store_cfg, embed_model, tmp_path):
     store = build_vector_store(store_cfg, embed_model)
     ingest_path(store_cfg, page.parent, embed_model=embed_model, vector_store=store)
     (row,) = rows(store, fields=("text", "title", "doc_type"))
-    assert row["text"] == "Tuning HNSW\nRaise ef for better recall."
+    assert row["text"] == "# Tuning HNSW\nRaise ef for better recall."  # a Markdown heading
     assert (row["title"], row["doc_type"]) == ("Tuning", "html")
 
 
@@ -188,12 +188,15 @@ def _foreign_collection(cfg, dim: int, model: str | None) -> None:
             "bge-large-en-v1.5",
             "was embedded with 'bge-large-en-v1.5', not 'all-MiniLM-L6-v2'",
         ),
-        (1024, None, "holds 1024-d vectors but 'all-MiniLM-L6-v2' makes 384-d ones"),
+        (1024, None, "was not made by rag_app"),  # another tool's: refused, whatever its dim
+        ("adopt", None, "holds 1024-d vectors but 'all-MiniLM-L6-v2' makes 384-d ones"),
     ],
 )
 def test_a_collection_of_another_model_is_refused_and_kept(
     store_cfg, embed_model, tmp_path, dim, model, message
 ):
+    if dim == "adopt":  # taken over explicitly: still refused for its dimension
+        dim, store_cfg.milvus.adopt_foreign_collection = 1024, True
     _foreign_collection(store_cfg, dim, model)
     docs = tmp_path / "docs"
     docs.mkdir()

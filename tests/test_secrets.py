@@ -223,8 +223,12 @@ def test_no_secret_reaches_output_logs_errors_or_milvus(tmp_path, no_hf_token):
     )  # fmt: skip
     assert abstained.returncode == 0, abstained.stderr
     assert json.loads(abstained.stdout)["abstained"] is True
-    # Asks the LLM, whose server is not there: an error, naming neither key nor token.
-    failed = _cli("query", "What does M set?", "--json", env=from_env)
+    # Asks the LLM, whose server is not there: an error, naming neither key nor token, nor
+    # the credentials written in its URL (the openai client logs its URL at DEBUG).
+    api_base = f"http://alice:{URI_PASSWORD}@127.0.0.1:{_closed_port()}/v1"
+    failed = _cli(
+        "query", "What does M set?", "--json", env={**from_env, "RAG_APP_LLM__API_BASE": api_base}
+    )
     assert failed.returncode != 0
     assert "127.0.0.1" in failed.stderr
 
@@ -234,6 +238,15 @@ def test_no_secret_reaches_output_logs_errors_or_milvus(tmp_path, no_hf_token):
     assert refused.returncode == 2
     error = refused.stderr.strip().splitlines()[-1]
     assert error.startswith("rag-app: error: cannot connect to Milvus at http://127.0.0.1:")
+    # A unix socket uri with credentials: gRPC prints the address it cannot reach.
+    socket_uri = f"unix://bob:{URI_PASSWORD}@{tmp_path}/no-such.sock"
+    refused = _cli("collections", env={**base, "RAG_APP_MILVUS__URI": socket_uri})
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"rag-app: error: cannot connect to Milvus at unix:{tmp_path}/no-such.sock")
+    )
 
     # Everything the collection holds: rows with all fields, schema, properties, index.
     client = MilvusClient(uri=str(db))
@@ -254,3 +267,74 @@ def test_no_secret_reaches_output_logs_errors_or_milvus(tmp_path, no_hf_token):
     for file in db.parent.rglob("*"):  # and the raw Milvus Lite files
         if file.is_file():
             assert_no_secret(file.read_bytes().decode("latin-1"), str(file))
+
+
+TABLE_SECRET = "hf_TABLEtoken7d21e9"
+
+
+@pytest.mark.parametrize(
+    ("name", "table"),
+    [
+        ("RAG_APP_LLM__ENV", {"HF_TOKEN": TABLE_SECRET}),
+        ("RAG_APP_LLM__ENGINE_KWARGS", {"hf_token": TABLE_SECRET, "enforce_eager": True}),
+    ],
+)
+def test_a_token_in_a_table_setting_is_masked_in_any_error(monkeypatch, no_hf_token, name, table):
+    monkeypatch.setenv(name, json.dumps(table))
+    for bad in ({"RAG_APP_LLM__MAX_TOKENS": "5000"}, {"RAG_APP_LLM__TEMPERATURE": "hot"}):
+        for key, value in bad.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(RagAppError) as error:
+            load_config(PROFILE)
+        assert TABLE_SECRET not in str(error.value), str(error.value)
+        for key in bad:
+            monkeypatch.delenv(key)
+    # Errors quoting the value itself mask it too, by value: whatever the message says.
+    assert TABLE_SECRET not in str(RagAppError(f"vLLM said: bad token {TABLE_SECRET}"))
+
+
+def test_credentials_in_the_llm_api_base_become_the_api_key(no_hf_token):
+    cfg = load_config(PROFILE, llm__api_base=f"https://alice:{URI_PASSWORD}@llm.example/v1")
+    assert cfg.llm.api_base == "https://llm.example/v1"
+    assert cfg.llm.api_key.get_secret_value() == f"alice:{URI_PASSWORD}"
+    cfg = load_config(PROFILE, llm={"api_base": f"https://{URI_PASSWORD}@llm.example/v1"})
+    assert cfg.llm.api_key.get_secret_value() == URI_PASSWORD  # a bare key before the @
+    explicit = load_config(
+        PROFILE, llm={"api_base": f"https://a:{URI_PASSWORD}@h/v1", "api_key": "sk-explicit"}
+    )
+    assert (explicit.llm.api_base, explicit.llm.api_key.get_secret_value()) == (
+        "https://h/v1", "sk-explicit",
+    )  # fmt: skip
+    assert_no_secret(repr(cfg) + cfg.model_dump_json(), "the settings")
+
+
+def test_credentials_in_a_unix_socket_uri_become_the_token(no_hf_token):
+    cfg = load_config(PROFILE, milvus__uri=f"unix://bob:{URI_PASSWORD}@/run/milvus.sock")
+    assert cfg.milvus.uri == "unix:/run/milvus.sock"
+    assert cfg.milvus.token.get_secret_value() == f"bob:{URI_PASSWORD}"
+    assert not cfg.milvus.is_lite
+
+
+def test_log_records_of_any_library_are_masked_by_value(no_hf_token, capsys):
+    import logging
+
+    from rag_app.errors import redact_logs
+
+    load_config(PROFILE, milvus__token="root:log-secret-19ab")
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        redact_logs()
+        logging.getLogger("openai._base_client").warning(
+            "headers: token=%s", "root:log-secret-19ab"
+        )
+        try:
+            raise ValueError("bad token root:log-secret-19ab")
+        except ValueError:
+            logging.getLogger("some.library").exception("call failed")
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "headers: token=**********" in err and "bad token **********" in err
+    assert "log-secret-19ab" not in err

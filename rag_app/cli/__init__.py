@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rag_app.config import MAX_TOP_K, RagConfig
-from rag_app.errors import RagAppError
+from rag_app.errors import RagAppError, redact_logs
 
 # Library chatter that is not the user's business unless --verbose: vLLM's start-up lines,
 # Triton/NUMA notices, Hugging Face progress bars and advice.
@@ -113,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-delete",
         action="store_true",
         help="keep documents that are no longer in the folder (default: delete them)",
+    )
+    ingest.add_argument(
+        "--adopt",
+        action="store_true",
+        help="take over a collection that rag_app did not create: record the embedding model "
+        "on it and sync it, deleting documents not in the folder "
+        "(milvus.adopt_foreign_collection)",
     )
 
     query = commands.add_parser("query", parents=[common], help="answer a question with sources")
@@ -242,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error, with a one-line message)."""
     args = _parser().parse_args(argv)
     quiet_libraries(getattr(args, "verbose", False))
+    redact_logs()
     try:
         return _command(args.command)(args)
     except RagAppError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 from rag_app.cli import close_llm
 from rag_app.cli.output import CITATIONS_NOTE, print_sources, question_lines
 from rag_app.config import RagConfig
+from rag_app.display import one_line, terminal_text
 from rag_app.errors import RagAppError
 from rag_app.pipelines.answer import (
     Answer,
@@ -55,7 +56,7 @@ def query(args: argparse.Namespace, cfg: RagConfig) -> int:
         print(json.dumps(answer_dict(answer)))
         return 0
     if not stream:
-        print(answer.answer)
+        print(terminal_text(answer.answer))
     elif answer.answer != text.strip():  # already on screen: flag what the check removed
         print(CITATIONS_NOTE)
     _print_sources(answer)
@@ -70,7 +71,7 @@ def _print_stream(tokens: Iterable[str], *, echo: bool) -> str:
         for token in tokens:
             parts.append(token)
             if echo:
-                print(token, end="", flush=True)
+                print(terminal_text(token), end="", flush=True)
     finally:
         if echo:
             print(flush=True)
@@ -92,7 +93,7 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
             questions.append(check_question(line, cfg))
         except RagAppError as exc:
             failed += 1
-            print(f"rag-app: error: {args.file}:{number}: {exc}", file=sys.stderr)
+            print(f"rag-app: error: {one_line(args.file)}:{number}: {exc}", file=sys.stderr)
     if not questions:
         raise RagAppError(f"no questions to answer in {args.file} (one per line)")
 
@@ -109,11 +110,12 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     for answer in answers:
         if answer.error is not None:
             failed += 1
-            print(f"rag-app: error: {answer.question!r}: {answer.error}", file=sys.stderr)
+            error = one_line(answer.error)
+            print(f"rag-app: error: {one_line(repr(answer.question))}: {error}", file=sys.stderr)
         if args.json:
             print(json.dumps(answer_dict(answer)))
         elif answer.error is None:
-            print(f"Q: {answer.question}\nA: {answer.answer}")
+            print(f"Q: {one_line(answer.question)}\nA: {terminal_text(answer.answer)}")
             _print_sources(answer, heading=False)
             print()
     return 2 if failed else 0
@@ -180,5 +182,5 @@ def _chat_turn(engine: Any, message: str) -> Answer:
         return answer
     response = engine.chat(message)
     answer = finish_answer(message, str(response), response.source_nodes)
-    print(f"assistant> {answer.answer}")
+    print(f"assistant> {terminal_text(answer.answer)}")
     return answer

@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 from rag_app.cli import load_cli_config
+from rag_app.display import one_line
 from rag_app.errors import RagAppError
 
 
 def ingest(args: argparse.Namespace) -> int:
     from rag_app.pipelines.ingest import ingest_path
 
-    cfg = load_cli_config(args)
+    overrides = {"milvus__adopt_foreign_collection": True} if args.adopt else {}
+    cfg = load_cli_config(args, **overrides)
     report = ingest_path(
         cfg,
         args.path,
@@ -24,7 +26,7 @@ def ingest(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     for path, reason in report.skipped:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
+        print(f"skipped {one_line(path)}: {one_line(reason)}", file=sys.stderr)
     print(report.summary())
     return 0
 
@@ -56,8 +58,8 @@ def collections(args: argparse.Namespace) -> int:
         bm25 = "yes" if info.bm25 else "no"
         index = f"{info.index_type or '-'}/{info.metric or '-'}"
         print(
-            f"{info.name:<28}{info.rows:>8}{info.dim or '-':>6}  {bm25:<5} {index:<14} "
-            f"{info.model or '-'}"
+            f"{one_line(info.name):<28}{info.rows:>8}{info.dim or '-':>6}  {bm25:<5} "
+            f"{one_line(index):<14} {one_line(info.model or '-')}"
         )
     return 0
 

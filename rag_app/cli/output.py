@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rag_app.display import one_line
 from rag_app.errors import RagAppError
 
 CITATIONS_NOTE = "(citations to no listed source were printed above; ignore them)"
@@ -18,7 +19,9 @@ def print_sources(sources: Sequence[Mapping[str, Any]], *, heading: bool = True)
     if heading:
         print("\nSources:" if sources else "\nSources: none relevant enough")
     for source in sources:
-        print(f"  [{source['number']}] {source['source']}  (score {source['score']})")
+        print(
+            f"  [{source['number']}] {one_line(str(source['source']))}  (score {source['score']})"
+        )
 
 
 def question_lines(file: str) -> list[tuple[int, str]]:

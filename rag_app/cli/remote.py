@@ -13,6 +13,7 @@ from typing import Any
 
 from rag_app.cli.output import CITATIONS_NOTE, print_sources, question_lines
 from rag_app.config import RagConfig
+from rag_app.display import one_line, terminal_text
 from rag_app.errors import RagAppError
 from rag_app.server.client import RagClient
 
@@ -50,7 +51,7 @@ async def _query(args: argparse.Namespace, cfg: RagConfig, url: str, stream: boo
         print(json.dumps(answer))
         return 0
     if not stream:
-        print(answer["answer"])
+        print(terminal_text(answer["answer"]))
     elif answer["answer"] != text.strip():
         print(CITATIONS_NOTE)
     print_sources(answer.get("sources", []))
@@ -70,7 +71,7 @@ async def _print_stream(
             else:
                 parts.append(item)
                 if echo:
-                    print(item, end="", flush=True)
+                    print(terminal_text(item), end="", flush=True)
     finally:
         if echo:
             print(flush=True)
@@ -99,11 +100,14 @@ async def _query_file(args: argparse.Namespace, cfg: RagConfig, url: str) -> int
     for (number, _), answer in zip(lines, answers, strict=True):
         if isinstance(answer, RagAppError):
             failed += 1
-            print(f"rag-app: error: {args.file}:{number}: {answer}", file=sys.stderr)
+            print(
+                f"rag-app: error: {one_line(args.file)}:{number}: {one_line(str(answer))}",
+                file=sys.stderr,
+            )
         elif args.json:
             print(json.dumps(answer))
         else:
-            print(f"Q: {answer['question']}\nA: {answer['answer']}")
+            print(f"Q: {one_line(answer['question'])}\nA: {terminal_text(answer['answer'])}")
             print_sources(answer.get("sources", []), heading=False)
             print()
     return 2 if failed else 0
@@ -158,5 +162,5 @@ async def _chat_turn(
             print(CITATIONS_NOTE)
         return answer
     answer = await client.answer(messages, **options)
-    print(f"assistant> {answer['answer']}")
+    print(f"assistant> {terminal_text(answer['answer'])}")
     return answer

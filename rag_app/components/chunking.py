@@ -19,6 +19,7 @@ from llama_index.core import Document
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode, TextNode
 
+from rag_app.components.readers import bounded
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
@@ -48,7 +49,7 @@ def build_splitter(cfg: RagConfig, tokens: TokenCounter | None = None) -> Senten
         chunk_size=cfg.chunking.chunk_size,
         chunk_overlap=cfg.chunking.chunk_overlap,
         tokenizer=tokenizer,
-        include_metadata=False,  # metadata is not counted against the chunk size
+        include_metadata=False,  # chunk_documents gives each chunk its metadata
         include_prev_next_rel=False,
         id_func=_chunk_id,
     )
@@ -96,7 +97,7 @@ def _sections(document: Document) -> tuple[list[int], list[str]]:
     text = document.text
     fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
     matches = [m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fences)]
-    return [m.start() for m in matches], [m.group(1).strip() for m in matches]
+    return [m.start() for m in matches], [bounded(m.group(1)) for m in matches]
 
 
 def _section_of(node: BaseNode, offsets: list[int], titles: list[str]) -> str | None:
@@ -124,7 +125,16 @@ def chunk_documents(
     long). ``tokens`` (a counter and the embedding model's limit) guards against chunks
     the model would truncate.
     """
-    nodes = build_splitter(cfg, tokens).get_nodes_from_documents(documents)
+    # SentenceSplitter takes the length of a node's metadata string out of every chunk
+    # (split_text_metadata_aware), whatever include_metadata says: a 314-character title
+    # left 115 characters of text. The splitter sees the documents without metadata; each
+    # chunk gets its document's metadata back below.
+    bare = [
+        doc.model_copy(update={"excluded_llm_metadata_keys": list(doc.metadata),
+                               "excluded_embed_metadata_keys": list(doc.metadata)})
+        for doc in documents
+    ]  # fmt: skip
+    nodes = build_splitter(cfg, tokens).get_nodes_from_documents(bare)
     if tokens is not None:
         nodes = _fit_to_model(nodes, tokens)
     by_id = {doc.doc_id: doc for doc in documents}

@@ -28,6 +28,13 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 
+from rag_app.components.milvus_expr import (
+    ALL_ROWS,
+    filter_keys,
+    operand,
+    render_filters,
+    string_literal,
+)
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError, first_line
 
@@ -42,7 +49,8 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def parse_filters(specs: Sequence[str]) -> MetadataFilters | None:
     """``["source=reference/*", "doc_type=markdown"]`` as filters Milvus evaluates (AND).
 
-    ``key=value`` matches exactly; a value ending in ``*`` matches by prefix.
+    ``key=value`` matches exactly; a value ending in ``*`` matches by prefix. Any other
+    character is literal (quotes, backslashes, ``%`` and ``_`` included).
     """
     filters = []
     for spec in specs:
@@ -53,8 +61,7 @@ def parse_filters(specs: Sequence[str]) -> MetadataFilters | None:
                 f"bad filter {spec!r}: write KEY=VALUE or KEY=PREFIX* "
                 "(e.g. source=reference/* or doc_type=markdown)"
             )
-        if any(char in value for char in "'\"\\%"):
-            raise RagAppError(f"bad filter {spec!r}: quotes, backslashes and % are not allowed")
+        string_literal(value)  # undecodable bytes: refused now, before any model loads
         if value.endswith("*"):
             filters.append(
                 MetadataFilter(key=key, value=value[:-1], operator=FilterOperator.TEXT_MATCH)
@@ -103,18 +110,55 @@ def build_retriever(
     relevant enough (see :class:`RelevanceGate`), and the query engine abstains.
     """
     stages = build_postprocessors(cfg, top_k)
+    expr = search_filter(index.vector_store, filters)
     if cfg.retrieval.abstain_below is not None:
-        gate = RelevanceGate(threshold=cfg.retrieval.abstain_below, index=index, filters=filters)
+        gate = RelevanceGate(threshold=cfg.retrieval.abstain_below, index=index, expr=expr)
         stages.insert(0, gate)
-    return PostprocessedRetriever(_search(cfg, index, top_k=top_k, filters=filters), stages)
+    return PostprocessedRetriever(_search(cfg, index, top_k=top_k, expr=expr), stages)
+
+
+def search_filter(store: Any, filters: MetadataFilters | None) -> str:
+    """``filters`` as the Milvus expression a search runs with ("" for none), rendered by
+    :mod:`rag_app.components.milvus_expr` rather than by LlamaIndex's Milvus store, which
+    writes values with only single quotes escaped. A key no chunk has would silently match
+    nothing: it is refused, naming the keys the collection has."""
+    if filters is None or not filters.filters:
+        return ""
+    expr = render_filters(filters)
+    _check_keys(store, filter_keys(filters))
+    return expr
+
+
+def _check_keys(store: Any, keys: list[str]) -> None:
+    from pymilvus import MilvusException
+
+    client, name = getattr(store, "client", None), getattr(store, "collection_name", None)
+    if client is None or name is None or not keys:
+        return
+    try:
+        fields = client.describe_collection(name).get("fields", [])
+        known = {f["name"] for f in fields if int(f.get("type", 0)) < 100}  # not vectors
+        for row in client.query(name, filter=ALL_ROWS, output_fields=["$meta"], limit=100):
+            known.update(row)
+        unknown = [
+            key for key in keys
+            if key not in known
+            and not client.query(name, filter=f"exists {operand(key)}", output_fields=[], limit=1)
+        ]  # fmt: skip
+    except MilvusException:  # an older server without these queries: no check
+        return
+    if unknown:
+        shown = ", ".join(sorted(key for key in known if not key.startswith("_")))
+        plural = "s" if len(unknown) > 1 else ""
+        raise RagAppError(
+            f"no chunk in collection {name!r} has the metadata key{plural} "
+            f"{', '.join(map(repr, unknown))}, so the filter would match nothing "
+            f"(keys there: {shown})"
+        )
 
 
 def _search(
-    cfg: RagConfig,
-    index: VectorStoreIndex,
-    *,
-    top_k: int | None = None,
-    filters: MetadataFilters | None = None,
+    cfg: RagConfig, index: VectorStoreIndex, *, top_k: int | None = None, expr: str = ""
 ) -> VectorIndexRetriever:
     """The configured Milvus search, returning the candidates the postprocessors cut down."""
     settings = cfg.retrieval
@@ -131,13 +175,14 @@ def _search(
     fetch = max(settings.candidates, wanted) if narrows else wanted
     mode = VectorStoreQueryMode.MMR if settings.mmr else _MODES[settings.mode]
     kwargs: dict[str, Any] = {"mmr_threshold": settings.mmr_threshold} if settings.mmr else {}
+    if expr:
+        kwargs["string_expr"] = expr  # MilvusVectorStore.query's own filter expression
     return VectorIndexRetriever(
         index,
         similarity_top_k=fetch,
         sparse_top_k=fetch,
         hybrid_top_k=fetch,
         vector_store_query_mode=mode,
-        filters=filters,
         vector_store_kwargs=kwargs,
     )
 
@@ -182,7 +227,7 @@ class RelevanceGate(BaseNodePostprocessor):
 
     threshold: float
     index: Any = Field(exclude=True)
-    filters: Any = Field(default=None, exclude=True)
+    expr: str = Field(default="", description="the search's Milvus filter expression")
 
     @classmethod
     def class_name(cls) -> str:
@@ -196,8 +241,9 @@ class RelevanceGate(BaseNodePostprocessor):
         embedding = query_bundle.embedding or self.index._embed_model.get_query_embedding(
             query_bundle.query_str
         )
+        kwargs = {"string_expr": self.expr} if self.expr else {}
         best = self.index.vector_store.query(
-            VectorStoreQuery(query_embedding=embedding, similarity_top_k=1, filters=self.filters)
+            VectorStoreQuery(query_embedding=embedding, similarity_top_k=1), **kwargs
         )
         relevance = max(best.similarities or [0.0])
         return nodes if relevance >= self.threshold else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -144,15 +145,53 @@ def _connect(cfg: RagConfig) -> MilvusClient:
     flushed, e.g. by a later ingest, are scored against themselves alone)."""
     settings = cfg.milvus
     if settings.is_lite:
-        Path(settings.uri).parent.mkdir(parents=True, exist_ok=True)
+        _check_lite_path(Path(settings.uri).expanduser())
         milvus_lite_compat.install()
         milvus_lite_compat.accept_keepalive_pings()  # long-lived processes: rag-app serve
     try:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:
+        hint = (
+            "a Lite file is usable by one process at a time"
+            if settings.is_lite
+            else "check milvus.uri and milvus.token"
+        )
         raise RagAppError(
-            f"cannot connect to Milvus at {settings.uri}: {exc.message} "
-            "(check milvus.uri and milvus.token; a Lite file is usable by one process at a time)"
+            f"cannot connect to Milvus at {settings.uri}: {exc.message} ({hint})"
+        ) from None
+    except OSError as exc:
+        raise RagAppError(
+            f"cannot open the Milvus Lite file {settings.uri}: {exc.strerror or exc} "
+            "(set milvus.uri to a .db path in a folder you can write to)"
+        ) from None
+
+
+def _check_lite_path(path: Path) -> None:
+    """A Milvus Lite file's path, made usable or refused in one line naming the folder: the
+    Lite engine's own errors for a missing, unwritable or misnamed path are a traceback, or
+    "Open local milvus failed", which reads like the file is in use."""
+    fix = "set milvus.uri to a .db path in a folder you can write to, or a server uri"
+    if path.suffix != ".db":
+        raise RagAppError(
+            f"milvus.uri {str(path)!r} is neither a server uri (http://, https://, tcp://, "
+            f"grpc://, unix:) nor a Milvus Lite file name ending in .db ({fix})"
+        )
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RagAppError(
+            f"cannot create the folder {folder} for the Milvus Lite file {path.name}: "
+            f"{exc.strerror or exc} ({fix})"
+        ) from None
+    probe_in = path if path.is_dir() else folder  # the engine writes inside an existing file
+    try:
+        with tempfile.TemporaryFile(dir=probe_in):
+            pass
+    except OSError as exc:
+        raise RagAppError(
+            f"the folder {probe_in} of the Milvus Lite file {path.name} is not writable: "
+            f"{exc.strerror or exc} ({fix})"
         ) from None
 
 
@@ -196,6 +235,17 @@ def open_vector_store(cfg: RagConfig) -> MilvusVectorStore | None:
     return _open_or_create(cfg, None)
 
 
+def record_model(cfg: RagConfig, store: MilvusVectorStore) -> None:
+    """Mark an adopted collection as rag_app's: record the embedding model on it (the property
+    rag_app sets on the collections it creates), if it is not recorded yet."""
+    name = store.collection_name
+    properties = store.client.describe_collection(name).get("properties", {})
+    if MODEL_PROPERTY not in properties:
+        identity = model_identity(cfg.embedding.model)
+        store.client.alter_collection_properties(name, properties={MODEL_PROPERTY: identity})
+        log.info("collection %r adopted: its embedding model is now recorded as %r", name, identity)
+
+
 def check_model_fits(cfg: RagConfig, store: MilvusVectorStore, embed_model: BaseEmbedding) -> None:
     """Refuse a model whose vectors have another dimension than the collection's."""
     model_dim = embedding_dimension(embed_model)
@@ -222,6 +272,14 @@ def _open_or_create(cfg: RagConfig, new_dim: int | None) -> MilvusVectorStore | 
         exists = client.has_collection(settings.collection)
         if exists:
             dim, stored, bm25 = _collection_facts(client.describe_collection(settings.collection))
+            if stored is None and not settings.adopt_foreign_collection:
+                raise RagAppError(
+                    f"collection {settings.collection!r} at {settings.uri} was not made by "
+                    f"rag_app (it has no {MODEL_PROPERTY} property), so its data is left "
+                    "alone: use another milvus.collection, or take it over with "
+                    "`rag-app ingest --adopt` (milvus.adopt_foreign_collection = true): an "
+                    "ingest then syncs it, deleting the documents that are not in the folder"
+                )
             if stored and stored != identity:
                 raise RagAppError(
                     f"collection {settings.collection!r} at {settings.uri} was "

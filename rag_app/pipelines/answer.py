@@ -65,6 +65,8 @@ def check_question(question: str, cfg: RagConfig) -> str:
     text = question.strip()
     if not text:
         raise RagAppError("the question is empty: ask something")
+    if any("\ud800" <= char <= "\udfff" for char in text):  # undecodable bytes (argv, a file)
+        raise RagAppError("the question is not valid text (bytes that are not UTF-8): retype it")
     limit = cfg.retrieval.max_question_chars
     if len(text) > limit:
         raise RagAppError(

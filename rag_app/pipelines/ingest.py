@@ -34,15 +34,24 @@ from tqdm import tqdm
 
 from rag_app.components.chunking import chunk_documents
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
-from rag_app.components.readers import PARSERS, UnreadableFile, discover, load_documents
+from rag_app.components.milvus_expr import ALL_ROWS, absent_or_not, equals, one_of
+from rag_app.components.readers import (
+    PARSERS,
+    UnreadableFile,
+    discover,
+    document_id,
+    load_documents,
+)
 from rag_app.components.vector_store import (
     MilvusRetry,
     build_vector_store,
     check_model_fits,
     open_vector_store,
     quiet_lite_timestamps,
+    record_model,
 )
 from rag_app.config import RagConfig
+from rag_app.display import one_line
 from rag_app.errors import RagAppError
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,7 @@ class IngestReport:
         )
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: " + "; ".join(
-                f"{path} ({reason})" for path, reason in self.skipped
+                f"{one_line(path)} ({one_line(reason)})" for path, reason in self.skipped
             )
         return line
 
@@ -116,7 +125,7 @@ def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
         iterator = store.client.query_iterator(
             store.collection_name,
             batch_size=2000,
-            filter='id != ""',
+            filter=ALL_ROWS,
             output_fields=[store.doc_id_field, HASH_KEY, CHUNKS_KEY],
         )
         try:
@@ -131,14 +140,11 @@ def _stored_documents(store: MilvusVectorStore) -> dict[str, _StoredDocument]:
 
 
 def _delete_other_versions(store: MilvusVectorStore, doc_id: str, doc_hash: str) -> None:
-    """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too).
-
-    ``not in`` matches rows without the key on every Milvus; ``!=`` does not on Lite, and
-    Milvus 2.3 cannot parse ``is null``."""
+    """Delete a document's rows of any version but ``doc_hash`` (rows with no hash too, in
+    an expression Milvus Lite and Milvus 2.3 read alike: see ``absent_or_not``)."""
     store.client.delete(
         collection_name=store.collection_name,
-        filter=f"{store.doc_id_field} == {json.dumps(doc_id)} and {HASH_KEY} not in "
-        f"[{json.dumps(doc_hash)}]",
+        filter=f"{equals(store.doc_id_field, doc_id)} and {absent_or_not(HASH_KEY, doc_hash)}",
     )
 
 
@@ -147,7 +153,7 @@ def _delete_documents(store: MilvusVectorStore, doc_ids: Sequence[str]) -> None:
         batch = list(doc_ids[start : start + 500])
         store.client.delete(
             collection_name=store.collection_name,
-            filter=f"{store.doc_id_field} in {json.dumps(batch)}",
+            filter=one_of(store.doc_id_field, batch),
         )
 
 
@@ -214,7 +220,12 @@ class _Writer:
             raise self._error
 
 
-def _read_folder(root: Path, report: IngestReport, max_bytes: float) -> list[Document]:
+def _read_folder(
+    cfg: RagConfig, root: Path, report: IngestReport
+) -> tuple[list[Document], set[str]]:
+    """The readable documents, and the ids of skipped files whose stored rows are kept (a
+    file that cannot be read now; not one left out on purpose, such as a link out of the
+    folder, whose rows go like a deleted file's)."""
     if not root.exists():
         raise RagAppError(f"no such file or folder: {root}")
     files = discover(root)
@@ -222,16 +233,18 @@ def _read_folder(root: Path, report: IngestReport, max_bytes: float) -> list[Doc
         kinds = ", ".join(sorted(PARSERS))
         raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
     documents: list[Document] = []
-    too_big = [f for f in files if f.stat().st_size > max_bytes]
-    for file in too_big:
-        size = file.stat().st_size / 2**20
-        limit = max_bytes / 2**20
-        reason = f"{size:.1f} MB, over ingestion.max_file_mb = {limit:g}"
-        report.skipped.append((str(file), reason))
-    files = [f for f in files if f not in too_big]
-    for file, result in load_documents(files, root):
+    kept: set[str] = set()
+    settings = cfg.ingestion
+    for file, result in load_documents(
+        files,
+        root,
+        max_bytes=settings.max_file_mb * 2**20,
+        follow_symlinks_outside=settings.follow_symlinks_outside,
+    ):
         if isinstance(result, UnreadableFile):
             report.skipped.append((str(file), str(result)))
+            if result.keep_stored:
+                kept.add(document_id(file, root))
         else:
             documents.append(result)
     if not documents:
@@ -239,7 +252,7 @@ def _read_folder(root: Path, report: IngestReport, max_bytes: float) -> list[Doc
         raise RagAppError(
             f"none of the {len(files)} files in {root} could be read: {path}: {reason}"
         )
-    return documents
+    return documents, kept
 
 
 def _embed_into(
@@ -299,7 +312,7 @@ def ingest_path(
     started = time.perf_counter()
     root = Path(path).expanduser()
     report = IngestReport()
-    documents = _read_folder(root, report, cfg.ingestion.max_file_mb * 2**20)
+    documents, kept = _read_folder(cfg, root, report)
 
     # The model is loaded only when something needs embedding: an unchanged folder is
     # decided from the fingerprints stored in Milvus alone.
@@ -330,6 +343,8 @@ def ingest_path(
     if pending:
         embed_model = embed_model or build_embed_model(cfg)
         check_model_fits(cfg, store, embed_model)
+        if cfg.milvus.adopt_foreign_collection:
+            retry.call(lambda: record_model(cfg, store), "update of the collection's properties")
         nodes = chunk_documents(cfg, pending, token_counter(embed_model))
     remaining = Counter(node.ref_doc_id for node in nodes)
     for node in nodes:
@@ -353,10 +368,8 @@ def ingest_path(
             writer.close()
 
     if delete_missing and root.is_dir():
-        readable_or_skipped = set(hashes) | {
-            Path(p).relative_to(root).as_posix() for p, _ in report.skipped
-        }
-        gone = sorted(doc_id for doc_id in stored if doc_id not in readable_or_skipped)
+        present = set(hashes) | kept
+        gone = sorted(doc_id for doc_id in stored if doc_id not in present)
         retry.call(lambda: _delete_documents(store, gone), "delete")
         report.deleted = len(gone)
 

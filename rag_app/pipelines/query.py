@@ -24,6 +24,7 @@ from rag_app.components.llm import build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.components.vector_store import build_vector_store
 from rag_app.config import RagConfig
+from rag_app.display import one_line
 from rag_app.pipelines.answer import finish_answer
 from rag_app.pipelines.citations import number_excerpts
 from rag_app.prompts import ABSTAIN_ANSWER, GROUNDED_QA_PROMPT, REFINE_PROMPT, quote_as_data
@@ -80,7 +81,11 @@ class GroundedSynthesizer(CompactAndRefine):
 
 def excerpts_best_last(texts: Sequence[str]) -> list[str]:
     """Retrieved texts (best first) as the prompt shows them: quoted as data, numbered as
-    the sources are, separated, and in reverse so the best sits next to the question."""
+    the sources are, separated, and in reverse so the best sits next to the question.
+
+    The prompt templates quote their document variables too (see
+    :func:`rag_app.prompts.chat_template`); quoting here, before the excerpts are packed,
+    makes the packing count the text the model will receive."""
     numbered = number_excerpts([quote_as_data(text) for text in texts])
     return [CHUNK_SEPARATOR.lstrip("\n") + text for text in reversed(numbered)]
 
@@ -98,7 +103,9 @@ def _prompt_helper(llm: LLM) -> PromptHelper:
 
 
 def sources_str(nodes: Sequence[NodeWithScore]) -> str:
-    return ", ".join(f"[{number}] {node_source(n)}" for number, n in enumerate(nodes, 1))
+    """The "Grounding sources:" line: one line whatever the file names hold (a name with a
+    newline cannot forge a line of the prompt); the template neutralises control tokens."""
+    return ", ".join(f"[{number}] {one_line(node_source(n))}" for number, n in enumerate(nodes, 1))
 
 
 def _checked(
