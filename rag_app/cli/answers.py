@@ -39,12 +39,13 @@ def query(args: argparse.Namespace, cfg: RagConfig) -> int:
     stream = args.stream if args.stream is not None else sys.stdout.isatty() and not args.json
 
     from rag_app.components.llm import build_llm
-    from rag_app.pipelines.query import build_query_engine
+    from rag_app.pipelines.query import build_index, build_query_engine
 
+    index = build_index(cfg)  # a missing or refused collection fails before the engine starts
     llm = build_llm(cfg)
     try:
         engine = build_query_engine(
-            cfg, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
+            cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
         )
         response = engine.query(question)
         tokens = getattr(response, "response_gen", None) if stream else None
@@ -99,11 +100,12 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
 
     from rag_app.components.llm import build_llm
     from rag_app.pipelines.answer import answer_many
-    from rag_app.pipelines.query import build_query_engine
+    from rag_app.pipelines.query import build_index, build_query_engine
 
+    index = build_index(cfg)
     llm = build_llm(cfg)
     try:
-        engine = build_query_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
+        engine = build_query_engine(cfg, index=index, llm=llm, top_k=args.top_k, filters=filters)
         answers = answer_many(engine, questions)
     finally:
         close_llm(llm)
@@ -125,8 +127,10 @@ def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
     from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
     from rag_app.pipelines.chat import build_chat_engine
+    from rag_app.pipelines.query import build_index
 
     filters = parse_filters(args.filter)
+    index = build_index(cfg)
     llm = build_llm(cfg)
     thread_hook = threading.excepthook
     # LlamaIndex re-raises a failed stream in its history-writer thread too, which would
@@ -135,7 +139,7 @@ def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
         None if isinstance(hook_args.exc_value, RagAppError) else thread_hook(hook_args)
     )
     try:
-        engine = build_chat_engine(cfg, llm=llm, top_k=args.top_k, filters=filters)
+        engine = build_chat_engine(cfg, index=index, llm=llm, top_k=args.top_k, filters=filters)
         interactive = sys.stdin.isatty()
         if interactive:
             print(
