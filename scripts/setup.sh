@@ -86,7 +86,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 step "offline models (.models/)"
-HF_HUB_DISABLE_PROGRESS_BARS=1 .venv/bin/python scripts/fetch_models.py
+HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1 .venv/bin/python scripts/fetch_models.py
 
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$gpu" = 0 ] && echo 1 || echo 0)}
 step "ingest docs/ with $RAG_APP_CONFIG"

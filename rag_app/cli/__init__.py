@@ -7,10 +7,12 @@ argument errors answer at once; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from rag_app.config import MAX_TOP_K, RagConfig
@@ -208,6 +210,50 @@ def load_cli_config(args: argparse.Namespace, **overrides: Any) -> RagConfig:
         overrides["milvus__collection"] = args.collection
     secrets = getattr(args, "secrets", None)
     return load_config(getattr(args, "config", None), secrets_file=secrets, **overrides)
+
+
+def engine_log() -> Path:
+    """Where the local vLLM engine's own output goes (``--verbose``: the terminal)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "rag_app" / "engine.log"
+
+
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """File descriptors 1 and 2 redirected to ``path``: what libraries write straight to
+    the terminal (Triton and NUMA notices, weight-loading bars) and every child process
+    started meanwhile (vLLM's engine, multiprocessing's resource tracker) write there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def start_llm(cfg: RagConfig, args: argparse.Namespace) -> Any:
+    """The configured LLM; a local engine's start-up chatter (and its later output) goes to
+    :func:`engine_log` unless ``--verbose``, and a failed start names that log."""
+    from rag_app.components import llm as llm_module
+
+    if cfg.llm.mode != "local" or getattr(args, "verbose", False):
+        return llm_module.build_llm(cfg)
+    log = engine_log()
+    with _output_to(log):
+        try:
+            return llm_module.build_llm(cfg)
+        except RagAppError as exc:
+            failure = RagAppError(f"{exc}; vLLM's own output is in {log}")
+    raise failure
 
 
 def close_llm(llm: object) -> None:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from rag_app.cli import close_llm
+from rag_app.cli import close_llm, start_llm
 from rag_app.cli.output import CITATIONS_NOTE, print_sources, question_lines
 from rag_app.config import RagConfig
 from rag_app.display import one_line, terminal_text
@@ -38,11 +38,10 @@ def query(args: argparse.Namespace, cfg: RagConfig) -> int:
     question = check_question(args.question, cfg)
     stream = args.stream if args.stream is not None else sys.stdout.isatty() and not args.json
 
-    from rag_app.components.llm import build_llm
     from rag_app.pipelines.query import build_index, build_query_engine
 
     index = build_index(cfg)  # a missing or refused collection fails before the engine starts
-    llm = build_llm(cfg)
+    llm = start_llm(cfg, args)
     try:
         engine = build_query_engine(
             cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
@@ -98,12 +97,11 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     if not questions:
         raise RagAppError(f"no questions to answer in {args.file} (one per line)")
 
-    from rag_app.components.llm import build_llm
     from rag_app.pipelines.answer import answer_many
     from rag_app.pipelines.query import build_index, build_query_engine
 
     index = build_index(cfg)
-    llm = build_llm(cfg)
+    llm = start_llm(cfg, args)
     try:
         engine = build_query_engine(cfg, index=index, llm=llm, top_k=args.top_k, filters=filters)
         answers = answer_many(engine, questions)
@@ -124,14 +122,13 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
 
 
 def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
-    from rag_app.components.llm import build_llm
     from rag_app.components.retrieval import parse_filters
     from rag_app.pipelines.chat import build_chat_engine
     from rag_app.pipelines.query import build_index
 
     filters = parse_filters(args.filter)
     index = build_index(cfg)
-    llm = build_llm(cfg)
+    llm = start_llm(cfg, args)
     thread_hook = threading.excepthook
     # LlamaIndex re-raises a failed stream in its history-writer thread too, which would
     # print a traceback: the same error reaches this thread, and is reported in one line.
