@@ -21,7 +21,7 @@ from pydantic import Field
 from rag_app import build_chat_engine, build_index, build_query_engine
 from rag_app.cli import main as cli_main
 from rag_app.pipelines.answer import answer_many, is_abstention
-from rag_app.prompts import ABSTAIN_ANSWER, SYSTEM_PROMPT
+from rag_app.prompts import ABSTAIN_ANSWER, SYSTEM_PROMPT, quote_as_data
 
 pytestmark = pytest.mark.llm
 
@@ -87,14 +87,17 @@ def test_answer_is_grounded_in_retrieved_chunks_sent_through_the_chat_template(
     assert "\nuser: " not in prompt and "assistant: " not in prompt  # no generic format
     numbered = ", ".join(f"[{n}] {source}" for n, source in enumerate(sources, 1))
     assert f"Grounding sources: {numbered}\n" in prompt
-    for number, node in enumerate(response.source_nodes, 1):  # excerpt [n] is source n
-        excerpt = prompt[: prompt.index(node.node.get_content())]
+    # Excerpts reach the prompt as data: control-token look-alikes in this project's docs
+    # (`<|im_start|>`, `<folder>`) carry a zero-width space, as the LLM receives them.
+    texts = [quote_as_data(n.node.get_content()) for n in response.source_nodes]
+    for number, text in enumerate(texts, 1):  # excerpt [n] is source n
+        excerpt = prompt[: prompt.index(text)]
         assert excerpt[excerpt.rindex("---\n[") :].startswith(f"---\n[{number}] source: ")
     assert set(response.metadata["citations"]) <= set(range(1, len(sources) + 1))
     assert prompt.rstrip().endswith(
         f"User's question: {HNSW_QUESTION}<|im_end|>\n<|im_start|>assistant"
     )
-    chunk_positions = [prompt.index(n.node.get_content()) for n in response.source_nodes]
+    chunk_positions = [prompt.index(text) for text in texts]
     assert chunk_positions == sorted(chunk_positions, reverse=True)  # best chunk last
 
 

@@ -107,6 +107,10 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
         answers = answer_many(engine, questions)
     finally:
         close_llm(llm)
+    errors = {answer.error for answer in answers}
+    if len(answers) > 1 and len(errors) == 1 and None not in errors:
+        # Every question failed the same way (the server is down): one line, not one per line.
+        raise RagAppError(str(errors.pop()))
     for answer in answers:
         if answer.error is not None:
             failed += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import inspect
 import os
 import queue
@@ -81,6 +82,7 @@ class AsyncEngineVllm(CustomLLM):
     _tokenizer: Any = PrivateAttr(default=None)
     _loop: asyncio.AbstractEventLoop = PrivateAttr()
     _thread: threading.Thread = PrivateAttr()
+    _processes: list[Any] = PrivateAttr(default_factory=list)
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -110,8 +112,10 @@ class AsyncEngineVllm(CustomLLM):
         No local variable holds the engine: vLLM's first import keeps the importing frames
         alive, and the engine must be collectable once ``close()`` drops it.
         """
+        import psutil
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
         args = AsyncEngineArgs(
             **{
                 "model": self.model,
@@ -125,6 +129,11 @@ class AsyncEngineVllm(CustomLLM):
             }
         )
         self._engine = AsyncLLMEngine.from_engine_args(args)
+        self._processes = [  # the engine core and its workers, waited for in close()
+            child
+            for child in psutil.Process().children(recursive=True)
+            if child.pid not in before and not _is_resource_tracker(child)
+        ]
         tokenizer = self._engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # a coroutine in vLLM's V0 engine
             tokenizer = await tokenizer
@@ -331,11 +340,41 @@ class AsyncEngineVllm(CustomLLM):
         if engine is not None:
             self._submit(_cancel_engine_tasks()).result(timeout=30)
             engine.shutdown()
+        _reap(self._processes)
+        self._processes = []
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
         if not self._loop.is_running():
             self._loop.close()
+
+
+def _is_resource_tracker(process: Any) -> bool:
+    """multiprocessing's resource tracker: it exits after this process, not before."""
+    import psutil
+
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return True
+
+
+def _reap(processes: Sequence[Any], timeout: float = 20) -> None:
+    """Wait for the engine's processes to exit; stop the ones that do not.
+
+    ``shutdown()`` asks vLLM's engine core to stop and returns: its worker processes may
+    outlive this process (and a service's SIGTERM) unless waited for.
+    """
+    import psutil
+
+    _, alive = psutil.wait_procs(list(processes), timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 async def _cancel_engine_tasks() -> None:
