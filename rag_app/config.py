@@ -112,9 +112,11 @@ class EmbeddingSettings(_Section):
     text_instruction: str = ""
     batch_size: int = Field(32, ge=1, le=4096)
     device: str = "auto"
-    # bf16 weights run ~2-3x faster on CPUs with AVX-512 BF16 and on GPUs; see
+    # bf16 weights run ~2-3x faster on CPUs with AVX-512 BF16 and on GPUs; "int8" is a
+    # dynamically int8-quantized ONNX export run by ONNX Runtime, CPU only (exported once,
+    # beside the model or in ~/.cache/rag_app/onnx). See docs/configuration.md and
     # scripts/bench_ingest.py for the speed and retrieval-quality figures.
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16", "int8"] = "bf16"
 
 
 class ChunkingSettings(_Section):

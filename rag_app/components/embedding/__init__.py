@@ -1,4 +1,6 @@
-"""The embedding model: a LlamaIndex ``HuggingFaceEmbedding`` over sentence-transformers.
+"""The embedding model: a LlamaIndex ``HuggingFaceEmbedding`` over sentence-transformers
+(fp32, bf16), or for ``precision = "int8"`` an int8 ONNX graph run by ONNX Runtime on CPU
+(:mod:`rag_app.components.embedding.onnx`).
 
 Each vector is normalised by its own norm, in float32 whatever the model's precision, so
 inner product equals cosine similarity; the query instruction (BGE's retrieval prefix)
@@ -18,7 +20,6 @@ from rag_app.errors import RagAppError, first_line
 
 if TYPE_CHECKING:
     from llama_index.core.base.embeddings.base import BaseEmbedding
-    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 
 def _looks_like_path(model: str) -> bool:
@@ -30,7 +31,7 @@ def model_identity(model: str) -> str:
     return Path(model.rstrip("/")).name
 
 
-def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
+def build_embed_model(cfg: RagConfig) -> BaseEmbedding:
     """Load the configured sentence-transformers model (a hub id or a local folder)."""
     settings = cfg.embedding
     if _looks_like_path(settings.model) and not (Path(settings.model) / "config.json").is_file():
@@ -38,6 +39,8 @@ def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
             f"embedding model folder not found: {settings.model} "
             "(run `.venv/bin/python scripts/fetch_models.py`, or set embedding.model)"
         )
+    if settings.precision == "int8":
+        return _build_int8(cfg)
     import torch
 
     from rag_app.components.embedding.huggingface import UnitNormEmbedding
@@ -60,6 +63,71 @@ def build_embed_model(cfg: RagConfig) -> HuggingFaceEmbedding:
             "(download it first, e.g. `hf download MODEL`, or point embedding.model "
             "at a local folder)"
         ) from None
+
+
+def int8_device_refusal(device: str, gpu_present: Callable[[], bool]) -> str | None:
+    """Why int8 cannot run on ``device``, or ``None``: its ONNX graph is quantized for CPU
+    vector units (VNNI), and on a GPU bf16 is the faster choice anyway."""
+    if device == "cpu" or (device == "auto" and not gpu_present()):
+        return None
+    where = (
+        'a GPU is present and embedding.device = "auto"'
+        if device == "auto"
+        else (f"embedding.device = {device!r}")
+    )
+    return (
+        f'embedding.precision = "int8" runs on CPU only, but {where}: set embedding.precision '
+        '= "bf16" for the GPU, or embedding.device = "cpu"'
+    )
+
+
+def _gpu_present() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _local_model_dir(model: str) -> Path:
+    """The folder of ``model``: itself, or its copy in the Hugging Face cache (no download:
+    an int8 export is made from files already here)."""
+    if _looks_like_path(model) or Path(model).is_dir():
+        return Path(model).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as exc:  # huggingface_hub's not-cached errors have no common base
+        raise RagAppError(
+            f"cannot find embedding model {model!r} locally for int8: {first_line(exc)} "
+            "(download it first, e.g. `hf download MODEL`, or point embedding.model "
+            "at a local folder)"
+        ) from None
+
+
+def _build_int8(cfg: RagConfig) -> BaseEmbedding:
+    """The int8 ONNX model (see :mod:`rag_app.components.embedding.onnx`)."""
+    settings = cfg.embedding
+    refusal = int8_device_refusal(settings.device, _gpu_present)
+    if refusal:
+        raise RagAppError(refusal)
+    from llama_index.embeddings.huggingface.utils import (
+        get_query_instruct_for_model_name,
+        get_text_instruct_for_model_name,
+    )
+
+    from rag_app.components.embedding.onnx import OnnxInt8Embedding, require_backend
+
+    require_backend()
+    return OnnxInt8Embedding(
+        _local_model_dir(settings.model),
+        # The instructions HuggingFaceEmbedding would use for this model, so int8 embeds
+        # the same strings as fp32/bf16.
+        query_instruction=settings.query_instruction
+        or get_query_instruct_for_model_name(settings.model),
+        text_instruction=settings.text_instruction
+        or get_text_instruct_for_model_name(settings.model),
+        embed_batch_size=settings.batch_size,
+    )
 
 
 def embedding_dimension(embed_model: BaseEmbedding) -> int:
