@@ -13,7 +13,8 @@ per document (hit@1, hit@k, MRR: ``rag-app eval``'s), from the best ``4 * k`` ch
 "p50" is the median wall time of one retrieve call (query embedding included).
 
 The baseline is what a LlamaIndex notebook does with the same model and Milvus:
-``SimpleDirectoryReader`` (file metadata embedded with the text, HTML read as text),
+``SimpleDirectoryReader`` (file metadata embedded with the text; HTML as BeautifulSoup's
+visible text),
 ``SentenceSplitter(chunk_size=128, chunk_overlap=20)`` (tokens), ``VectorStoreIndex`` over
 ``MilvusVectorStore``, dense retrieval. Tune on ``dev``; report ``test``.
 """
@@ -88,6 +89,28 @@ def run_questions(
     return run
 
 
+def torch_bf16() -> Any:
+    import torch
+
+    return torch.bfloat16
+
+
+class _HtmlText:
+    """HTML as its visible text (BeautifulSoup's ``get_text``), as a notebook would add for
+    .html files: SimpleDirectoryReader has no HTML reader and would embed the markup."""
+
+    def load_data(self, file: Path, extra_info: dict | None = None, **_: Any) -> list[Any]:
+        from bs4 import BeautifulSoup
+        from llama_index.core import Document
+
+        soup = BeautifulSoup(
+            Path(file).read_text(encoding="utf-8", errors="replace"), "html.parser"
+        )
+        for tag in soup(["script", "style"]):
+            tag.decompose()
+        return [Document(text=soup.get_text("\n"), metadata=extra_info or {})]
+
+
 def naive_pipeline(root: Path, include: list[str], exclude: list[str], model: str, uri: str):
     """The LlamaIndex notebook: defaults everywhere but the model and the chunk size."""
     from llama_index.core import SimpleDirectoryReader, StorageContext, VectorStoreIndex
@@ -97,10 +120,12 @@ def naive_pipeline(root: Path, include: list[str], exclude: list[str], model: st
 
     extensions = sorted({"." + glob.rsplit(".", 1)[-1] for glob in include}) or None
     reader = SimpleDirectoryReader(
-        str(root), recursive=True, required_exts=extensions, exclude=exclude or None
-    )
+        str(root), recursive=True, required_exts=extensions, exclude=exclude or None,
+        file_extractor={".html": _HtmlText()},
+    )  # fmt: skip
     documents = reader.load_data()
-    embed_model = HuggingFaceEmbedding(model_name=model)
+    # The same bf16 weights as rag_app's rows, so the rows differ by pipeline, not precision.
+    embed_model = HuggingFaceEmbedding(model_name=model, model_kwargs={"dtype": torch_bf16()})
     store = MilvusVectorStore(uri=uri, dim=384, overwrite=True)
     started = time.perf_counter()
     index = VectorStoreIndex.from_documents(
@@ -155,6 +180,70 @@ def rag_app_runs(cfg, embed_model, label: str, questions: Sequence[str], k: int,
     return runs
 
 
+def latency_budget(cfg, embed_model, questions: Sequence[str], k: int) -> str:
+    """Where one retrieve call's time goes, per stage (p50 / p95 ms), dense and hybrid."""
+    from llama_index.core.schema import QueryBundle
+
+    from rag_app import build_index, build_vector_store
+    from rag_app.components.retrieval import build_retriever
+
+    lines = ["", f"latency budget, {len(questions)} questions (p50 / p95 ms)", "",
+             "| mode | query embedding | Milvus call | LlamaIndex search wrapper | "
+             "postprocessors | retrieve (whole) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ("dense", "hybrid-rrf", "hybrid-w0.5"):
+        variant = cfg.model_copy(deep=True)
+        for key, value in VARIANTS[name].items():
+            setattr(variant.retrieval, key, value)
+        store = build_vector_store(variant, embed_model)
+        index = build_index(variant, embed_model=embed_model, vector_store=store)
+        retriever = build_retriever(variant, index, top_k=4 * k)
+        milvus: list[float] = []
+        client = store.client
+        for method in ("search", "hybrid_search"):
+            original = getattr(client, method)
+
+            def timed(
+                *args: Any, _original: Any = original, _times: list = milvus, **kwargs: Any
+            ) -> Any:
+                started = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    _times.append(time.perf_counter() - started)
+
+            setattr(client, method, timed)
+        stages: dict[str, list[float]] = {"embed": [], "search": [], "post": [], "whole": []}
+        for question in questions:
+            started = time.perf_counter()
+            bundle = QueryBundle(question, embedding=embed_model.get_query_embedding(question))
+            embedded = time.perf_counter()
+            nodes = retriever.retriever.retrieve(bundle)
+            searched = time.perf_counter()
+            for stage in retriever.postprocessors:
+                nodes = stage.postprocess_nodes(nodes, bundle)
+            done = time.perf_counter()
+            stages["embed"].append(embedded - started)
+            stages["search"].append(searched - embedded)
+            stages["post"].append(done - searched)
+        calls = len(milvus)
+        for question in questions:
+            started = time.perf_counter()
+            retriever.retrieve(question)
+            stages["whole"].append(time.perf_counter() - started)
+        wrapper = [s - m for s, m in zip(stages["search"], milvus[:calls], strict=True)]
+
+        def cell(values: Sequence[float]) -> str:
+            ordered = sorted(values)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            return f"{statistics.median(ordered) * 1000:.1f} / {p95 * 1000:.1f}"
+
+        lines.append(
+            f"| {name} | {cell(stages['embed'])} | {cell(milvus[:calls])} | {cell(wrapper)} | "
+            f"{cell(stages['post'])} | {cell(stages['whole'])} |"
+        )
+    return "\n".join(lines)
+
+
 def table(title: str, items: Sequence[Any], runs: Sequence[Run], k: int) -> str:
     """Markdown: overall scores and p50, then hit@k / MRR per question kind."""
     from rag_app.pipelines.evaluate import score
@@ -207,6 +296,8 @@ def main() -> int:
     parser.add_argument("--no-context", action="store_true",
                         help="skip the rows without chunking.context_template")  # fmt: skip
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    parser.add_argument("--latency", action="store_true",
+                        help="print where a retrieve call's time goes, per stage")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the rankings as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -246,17 +337,17 @@ def main() -> int:
             retriever = index.as_retriever(similarity_top_k=4 * args.k)
             for split in splits:
                 answerable = [item.question for item in items[split] if item.sources]
-                runs[split].append(
-                    run_questions(
-                        "naive LlamaIndex", answerable, retriever.retrieve, args.k, source_of
-                    )  # fmt: skip
-                )
+                run = run_questions("naive", answerable, retriever.retrieve, args.k, source_of)
+                runs[split].append(run)
         for n, (label, settings) in enumerate(chunkings.items()):
             uri = str(workdir / f"{corpus}-{n}.db")
             cfg, embed_model = rag_app_pipeline(root, include, exclude, uri, settings)
             for split in splits:
                 answerable = [item.question for item in items[split] if item.sources]
                 runs[split] += rag_app_runs(cfg, embed_model, label, answerable, args.k, variants)
+        if args.latency:
+            questions = [item.question for split in splits for item in items[split]]
+            print(latency_budget(cfg, embed_model, questions, args.k), flush=True)
         for split in splits:
             answerable = [item for item in items[split] if item.sources]
             print(table(f"{corpus} / {split}", answerable, runs[split], args.k), flush=True)
