@@ -39,6 +39,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from rag_app.components.context import DEFAULT_TEMPLATE, check_template
 from rag_app.errors import RagAppError, first_line, register_secret
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,16 @@ class ChunkingSettings(_Section):
     splitter: Literal["sentence", "token"] = "sentence"
     chunk_size: int = Field(512, ge=32, description="characters, or tokens for 'token'")
     chunk_overlap: int = Field(51, ge=0, description="characters, or tokens for 'token'")
+    # The header embedded (and BM25-indexed) before each chunk's text: {title}, {section}
+    # (the headings above the chunk, "Install > On Linux"), {source} (the file's path) and
+    # {doc_type}. A variable a chunk lacks drops out with its separator; "" = bare chunks.
+    # The LLM sees the chunk's text without it. Changing it re-embeds on the next ingest.
+    context_template: str = DEFAULT_TEMPLATE
+
+    @field_validator("context_template")
+    @classmethod
+    def _template_renders(cls, template: str) -> str:
+        return check_template(template)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> ChunkingSettings:

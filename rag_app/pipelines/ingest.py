@@ -2,7 +2,8 @@
 
 The collection is the only record. Every chunk row carries its document's id (the path
 relative to the ingested folder), a fingerprint of the document version it came from
-(``doc_hash``: text, title, chunking and embedding settings) and the number of chunks of
+(``doc_hash``: text, title, chunking settings with the context template, embedding
+settings) and the number of chunks of
 that version (``doc_chunks``). So a run, from any machine, can tell for each document
 whether it is unchanged (all its rows carry the current fingerprint and none is missing:
 nothing is embedded), new or changed (embedded and upserted under stable chunk ids
@@ -28,11 +29,11 @@ from functools import partial
 from pathlib import Path
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.schema import BaseNode, Document, MetadataMode
+from llama_index.core.schema import BaseNode, Document
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from tqdm import tqdm
 
-from rag_app.components.chunking import chunk_documents
+from rag_app.components.chunking import chunk_documents, embed_text
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
 from rag_app.components.milvus_expr import ALL_ROWS, absent_or_not, equals, one_of
 from rag_app.components.readers import (
@@ -110,6 +111,7 @@ def fingerprint(cfg: RagConfig, document: Document) -> str:
         cfg.embedding.precision,
         cfg.chunking.chunk_size,
         cfg.chunking.chunk_overlap,
+        cfg.chunking.context_template,
         model_identity(cfg.embedding.model),
         cfg.embedding.text_instruction,
         document.metadata.get("title"),
@@ -274,7 +276,7 @@ def _embed_into(
             by_length = sorted(unit, key=lambda node: len(node.get_content()))
             for start in range(0, len(by_length), batch_size):
                 batch = by_length[start : start + batch_size]
-                texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
+                texts = [embed_text(node) for node in batch]
                 vectors = embed_model.get_text_embedding_batch(texts)
                 for node, vector in zip(batch, vectors, strict=True):
                     node.embedding = vector
