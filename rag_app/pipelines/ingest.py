@@ -323,6 +323,14 @@ def ingest_path(
         embed_model = embed_model or build_embed_model(cfg)
         store = build_vector_store(cfg, embed_model)
     retry = MilvusRetry.for_store(cfg, store)
+    if getattr(store, "enable_sparse", False) and getattr(store, "context_field", 1) is None:
+        log.warning(
+            "collection %r was created before chunks carried their context: its BM25 reads "
+            "the bare chunk text (dense search gets the context); for BM25 over titles and "
+            "sections too, ingest into a new milvus.collection (or drop this one with "
+            "`rag-app collections --drop %s --yes` and ingest again)",
+            store.collection_name, store.collection_name,
+        )  # fmt: skip
     stored = retry.call(lambda: _stored_documents(store), "read of the stored documents")
 
     pending: list[Document] = []
