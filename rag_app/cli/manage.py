@@ -74,7 +74,13 @@ def evaluate(args: argparse.Namespace) -> int:
     items = load_qa(args.qa)
     overrides = {"retrieval__mode": args.mode} if args.mode else {}
     cfg = load_cli_config(args, **overrides)
-    retriever = build_retriever(cfg, build_index(cfg), top_k=CHUNKS_PER_DOCUMENT * args.k)
+    from rag_app.components.embedding import build_embed_model
+
+    embed_model = build_embed_model(cfg)
+    index = build_index(cfg, embed_model=embed_model)
+    retriever = build_retriever(
+        cfg, index, top_k=CHUNKS_PER_DOCUMENT * args.k, embed_model=embed_model
+    )
     scores = evaluate_retrieval(items, retriever.retrieve, k=args.k)
     print(f"{cfg.retrieval.mode:<12}{scores.row()}")
     if args.out:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +68,13 @@ class RagMilvusVectorStore(MilvusVectorStoreCompat):
             kwargs["uri"], retry_seconds, lambda: self.client.load_collection(self.collection_name)
         )
 
-    def add(self, nodes: list[BaseNode], **add_kwargs: Any) -> list[str]:
+    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         """Upstream's upsert of the nodes, plus each chunk's contextual text in
         :data:`CONTEXT_FIELD` when the collection has one. Upstream writes the text field and
         metadata only; the contextual text is not metadata, since metadata is also stored
         in every row's ``_node_content`` and returned with every search hit."""
         if self.context_field is None:
-            return super().add(nodes, **add_kwargs)  # type: ignore[no-any-return]
+            return super().add(list(nodes), **add_kwargs)  # type: ignore[no-any-return]
         write = self.client.upsert if self.upsert_mode else self.client.insert
         for batch in iter_batch([self._row(node) for node in nodes], self.batch_size):
             write(
@@ -84,10 +84,10 @@ class RagMilvusVectorStore(MilvusVectorStoreCompat):
             self.client.flush(self.collection_name)
         return [node.node_id for node in nodes]
 
-    async def async_add(self, nodes: list[BaseNode], **add_kwargs: Any) -> list[str]:
+    async def async_add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         """:meth:`add` on the async client."""
         if self.context_field is None:
-            return await super().async_add(nodes, **add_kwargs)  # type: ignore[no-any-return]
+            return await super().async_add(list(nodes), **add_kwargs)  # type: ignore[no-any-return]
         write = self.aclient.upsert if self.upsert_mode else self.aclient.insert
         for batch in iter_batch([self._row(node) for node in nodes], self.batch_size):
             await write(
