@@ -40,6 +40,7 @@ from pydantic_settings import (
 )
 
 from rag_app.components.context import DEFAULT_TEMPLATE, check_template
+from rag_app.components.globs import glob_problem
 from rag_app.errors import RagAppError, first_line, register_secret
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,20 @@ class IngestionSettings(_Section):
     # Symbolic links to files outside the ingested folder are skipped and listed (a link to
     # /etc/passwd would be stored and served); true reads them.
     follow_symlinks_outside: bool = False
+    # Globs over paths relative to the ingested folder ('**/' any folders, '*' and '?' inside
+    # one segment, the whole path must match): a file is part of the folder if an include
+    # glob matches it (no include globs: every supported file) and no exclude glob does.
+    # `rag-app ingest --include/--exclude` append to these. See rag_app/components/globs.py.
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if (problem := glob_problem(pattern)) is not None:
+                raise ValueError(f"glob {pattern!r} {problem}")
+        return patterns
 
 
 class RetrievalSettings(_Section):

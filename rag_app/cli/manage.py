@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rag_app.cli import load_cli_config
+from rag_app.components.globs import glob_problem
 from rag_app.display import one_line
 from rag_app.errors import RagAppError
 
@@ -16,8 +17,16 @@ from rag_app.errors import RagAppError
 def ingest(args: argparse.Namespace) -> int:
     from rag_app.pipelines.ingest import ingest_path
 
-    overrides = {"milvus__adopt_foreign_collection": True} if args.adopt else {}
+    overrides: dict[str, object] = {"milvus__adopt_foreign_collection": True} if args.adopt else {}
     cfg = load_cli_config(args, **overrides)
+    for flag, patterns in (("--include", args.include), ("--exclude", args.exclude)):
+        for pattern in patterns:
+            if (problem := glob_problem(pattern)) is not None:
+                raise RagAppError(f"{flag} {pattern!r} {problem}")
+    if args.include or args.exclude:  # appended to the settings' globs
+        overrides["ingestion__include"] = [*cfg.ingestion.include, *args.include]
+        overrides["ingestion__exclude"] = [*cfg.ingestion.exclude, *args.exclude]
+        cfg = load_cli_config(args, **overrides)
     report = ingest_path(
         cfg,
         args.path,

@@ -42,6 +42,7 @@ from rag_app.components.readers import (
     discover,
     document_id,
     load_documents,
+    select_files,
 )
 from rag_app.components.vector_store import (
     MilvusRetry,
@@ -69,6 +70,9 @@ class IngestReport:
     updated: int = 0
     unchanged: int = 0
     deleted: int = 0
+    # Files of the folder left out by ingestion.include/exclude (their stored documents,
+    # if any, are deleted like removed files' and counted in ``deleted``).
+    excluded: int = 0
     chunks: int = 0
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -88,6 +92,8 @@ class IngestReport:
             f"{self.unchanged} unchanged, {self.deleted} deleted; {self.chunks} chunks written "
             f"in {self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s)"
         )
+        if self.excluded:
+            line += f"; {self.excluded} files excluded by ingestion.include/exclude"
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: " + "; ".join(
                 f"{one_line(path)} ({one_line(reason)})" for path, reason in self.skipped
@@ -231,12 +237,36 @@ def _read_folder(
     if not root.exists():
         raise RagAppError(f"no such file or folder: {root}")
     files = discover(root)
+    kinds = ", ".join(sorted(PARSERS))
     if not files:
-        kinds = ", ".join(sorted(PARSERS))
         raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
+    settings = cfg.ingestion
+    selection = select_files(root, files, settings.include, settings.exclude)
+    for key, patterns in (
+        ("include", selection.unmatched_include),
+        ("exclude", selection.unmatched_exclude),
+    ):
+        for pattern in patterns:
+            log.warning(
+                "ingestion.%s glob %r matches no file in %s (a typo? globs match paths "
+                "relative to the folder, '**/' for any folders)",
+                key, pattern, root,
+            )  # fmt: skip
+    report.excluded = selection.excluded
+    if not selection.files:
+        raise RagAppError(
+            f"no documents to ingest in {root}: ingestion.include {settings.include} and "
+            f"ingestion.exclude {settings.exclude} leave none of its {len(files)} files "
+            f"(looked for {kinds})"
+        )
+    if selection.excluded:
+        log.info(
+            "%d of %d files left out by ingestion.include/exclude",
+            selection.excluded, len(files),
+        )  # fmt: skip
+    files = selection.files
     documents: list[Document] = []
     kept: set[str] = set()
-    settings = cfg.ingestion
     for file, result in load_documents(
         files,
         root,
@@ -305,10 +335,12 @@ def ingest_path(
 ) -> IngestReport:
     """Sync a folder (read recursively) or a single file into the configured collection.
 
-    Documents that vanished from a folder are deleted unless ``delete_missing`` is
-    false; a single file never deletes others. Unreadable files are skipped, listed in
-    the report and keep whatever the collection held for them. A path with nothing
-    readable raises :class:`RagAppError`. ``progress=None`` shows a bar on a terminal;
+    Documents that vanished from a folder, or that ``ingestion.include``/``exclude`` now
+    leave out, are deleted unless ``delete_missing`` is false; a single file is ingested
+    whatever the globs say (naming it is explicit) and never deletes others. Unreadable
+    files are skipped, listed in the report and keep whatever the collection held for them.
+    A path with nothing readable raises :class:`RagAppError`. ``progress=None`` shows a bar
+    on a terminal;
     without one, a log line reports progress every ``log_every`` seconds.
     """
     started = time.perf_counter()
