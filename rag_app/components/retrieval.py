@@ -216,13 +216,18 @@ def build_postprocessors(cfg: RagConfig, top_k: int | None = None) -> list[BaseN
 
 
 def _cross_encoder(model: str, top_n: int, device: str) -> BaseNodePostprocessor:
+    """LlamaIndex's sentence-transformers reranker, keeping the ``top_n`` best candidates.
+
+    A model that cannot be loaded is one line: transformers raises ``OSError`` for a
+    missing model and ``ValueError`` for a folder without a readable ``config.json``.
+    """
     from llama_index.core.postprocessor import SentenceTransformerRerank
 
     try:
         return SentenceTransformerRerank(
             model=model, top_n=top_n, device=None if device == "auto" else device
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         reason = first_line(exc)
         raise RagAppError(
             f"cannot load reranker {model!r}: {reason} (download it first, e.g. "
