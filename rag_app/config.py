@@ -39,6 +39,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from rag_app.components.context import DEFAULT_TEMPLATE, check_template
+from rag_app.components.globs import glob_problem
 from rag_app.errors import RagAppError, first_line, register_secret
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,16 @@ class ChunkingSettings(_Section):
     splitter: Literal["sentence", "token"] = "sentence"
     chunk_size: int = Field(512, ge=32, description="characters, or tokens for 'token'")
     chunk_overlap: int = Field(51, ge=0, description="characters, or tokens for 'token'")
+    # The header embedded (and BM25-indexed) before each chunk's text: {title}, {section}
+    # (the headings above the chunk, "Install > On Linux"), {source} (the file's path) and
+    # {doc_type}. A variable a chunk lacks drops out with its separator; "" = bare chunks.
+    # The LLM sees the chunk's text without it. Changing it re-embeds on the next ingest.
+    context_template: str = DEFAULT_TEMPLATE
+
+    @field_validator("context_template")
+    @classmethod
+    def _template_renders(cls, template: str) -> str:
+        return check_template(template)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> ChunkingSettings:
@@ -142,6 +154,20 @@ class IngestionSettings(_Section):
     # Symbolic links to files outside the ingested folder are skipped and listed (a link to
     # /etc/passwd would be stored and served); true reads them.
     follow_symlinks_outside: bool = False
+    # Globs over paths relative to the ingested folder ('**/' any folders, '*' and '?' inside
+    # one segment, the whole path must match): a file is part of the folder if an include
+    # glob matches it (no include globs: every supported file) and no exclude glob does.
+    # `rag-app ingest --include/--exclude` append to these. See rag_app/components/globs.py.
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if (problem := glob_problem(pattern)) is not None:
+                raise ValueError(f"glob {pattern!r} {problem}")
+        return patterns
 
 
 class RetrievalSettings(_Section):

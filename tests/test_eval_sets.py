@@ -1,17 +1,18 @@
 """The retrieval evaluation sets: eval/corpora.json describes each corpus once, and
-eval/<corpus>/{dev,test}.jsonl hold its questions. Standard library and pytest only (no
-models, no Milvus), so it also runs without tests/conftest.py:
-`pytest --noconftest tests/test_eval_sets.py`."""
+eval/<corpus>/{dev,test}.jsonl hold its questions. Standard library, pytest and rag_app's
+glob matcher only (no models, no Milvus), so it also runs without tests/conftest.py:
+`PYTHONPATH=. pytest --noconftest tests/test_eval_sets.py`."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from functools import cache
 from pathlib import Path, PurePosixPath
 
 import pytest
+
+from rag_app.components.globs import selected
 
 EVAL = Path(__file__).resolve().parent.parent / "eval"
 CORPORA: dict[str, dict] = json.loads((EVAL / "corpora.json").read_text(encoding="utf-8"))
@@ -38,35 +39,11 @@ def corpus_root(corpus: str) -> Path:
     return root
 
 
-@cache
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """A glob over '/'-separated relative paths: '**/' is any number of folders, '*' and '?'
-    stay inside one path segment, and the whole path must match."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]+/)*")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
 def ingested(corpus: str, rel: str) -> bool:
+    """Whether ingesting the corpus with its include/exclude globs reads ``rel``: the same
+    matcher as ``rag-app ingest`` (ingestion.include/exclude)."""
     spec = CORPORA[corpus]
-    return any(glob_regex(p).match(rel) for p in spec["include"]) and not any(
-        glob_regex(p).match(rel) for p in spec.get("exclude", [])
-    )
+    return selected(rel, spec["include"], spec.get("exclude", []))
 
 
 @cache

@@ -310,7 +310,7 @@ def test_html_text_extraction_rules(tmp_path):
         "</main><footer>Footer</footer></body></html>"
     )
     assert html_text(tmp_path, html.encode()) == (
-        "## Section x\nFirst paragraph.\none\ntwo\ncode line 1\ncode line 2",
+        "## Section x\nFirst paragraph.\none\ntwo\n```\ncode line 1\ncode line 2\n```",
         "The Title",
     )
     no_main = html_text(tmp_path, b"<body><p>a</p><article><p>in article</p></article></body>")

@@ -144,7 +144,10 @@ def _mean_pairwise_similarity(embed_model, nodes) -> float:
 
 
 def test_mmr_and_cutoff_shape_dense_results(session_cfg, session_index, embed_model):
-    session_cfg = with_retrieval(session_cfg, mode="dense")
+    # Without merging: with it, the plain top chunk and its neighbour (alike, with one
+    # context header) become one passage under the neighbour's id, while MMR, which keeps
+    # only one of two alike chunks, returns the top chunk under its own.
+    session_cfg = with_retrieval(session_cfg, mode="dense", dedupe=False)
     plain = build_retriever(session_cfg, session_index, top_k=3).retrieve(HNSW_QUESTION)
     cutoff = plain[1].score
     kept = build_retriever(

@@ -117,6 +117,22 @@ def _parser() -> argparse.ArgumentParser:
         help="keep documents that are no longer in the folder (default: delete them)",
     )
     ingest.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only files whose path in the folder matches (repeatable; appended to "
+        "ingestion.include), e.g. --include '**/*.md'; '**/' is any folders",
+    )
+    ingest.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files whose path in the folder matches (repeatable; appended to "
+        "ingestion.exclude), e.g. --exclude '_static/**'; stored ones are deleted",
+    )
+    ingest.add_argument(
         "--adopt",
         action="store_true",
         help="take over a collection that rag_app did not create: record the embedding model "

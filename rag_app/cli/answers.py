@@ -38,14 +38,18 @@ def query(args: argparse.Namespace, cfg: RagConfig) -> int:
     question = check_question(args.question, cfg)
     stream = args.stream if args.stream is not None else sys.stdout.isatty() and not args.json
 
+    from rag_app.components.embedding import build_embed_model
     from rag_app.pipelines.query import build_index, build_query_engine
 
-    index = build_index(cfg)  # a missing or refused collection fails before the engine starts
+    embed_model = build_embed_model(cfg)
+    # A missing or refused collection fails before the engine starts.
+    index = build_index(cfg, embed_model=embed_model)
     llm = start_llm(cfg, args)
     try:
         engine = build_query_engine(
-            cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, streaming=stream
-        )
+            cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, streaming=stream,
+            embed_model=embed_model,
+        )  # fmt: skip
         response = engine.query(question)
         tokens = getattr(response, "response_gen", None) if stream else None
         text = str(response) if tokens is None else _print_stream(tokens, echo=not args.json)
@@ -97,13 +101,17 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
     if not questions:
         raise RagAppError(f"no questions to answer in {args.file} (one per line)")
 
+    from rag_app.components.embedding import build_embed_model
     from rag_app.pipelines.answer import answer_many
     from rag_app.pipelines.query import build_index, build_query_engine
 
-    index = build_index(cfg)
+    embed_model = build_embed_model(cfg)
+    index = build_index(cfg, embed_model=embed_model)
     llm = start_llm(cfg, args)
     try:
-        engine = build_query_engine(cfg, index=index, llm=llm, top_k=args.top_k, filters=filters)
+        engine = build_query_engine(
+            cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, embed_model=embed_model
+        )
         answers = answer_many(engine, questions)
     finally:
         close_llm(llm)
@@ -126,12 +134,14 @@ def _query_file(cfg: Any, args: argparse.Namespace, filters: Any) -> int:
 
 
 def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
+    from rag_app.components.embedding import build_embed_model
     from rag_app.components.retrieval import parse_filters
     from rag_app.pipelines.chat import build_chat_engine
     from rag_app.pipelines.query import build_index
 
     filters = parse_filters(args.filter)
-    index = build_index(cfg)
+    embed_model = build_embed_model(cfg)
+    index = build_index(cfg, embed_model=embed_model)
     llm = start_llm(cfg, args)
     thread_hook = threading.excepthook
     # LlamaIndex re-raises a failed stream in its history-writer thread too, which would
@@ -140,7 +150,9 @@ def chat(args: argparse.Namespace, cfg: RagConfig) -> int:
         None if isinstance(hook_args.exc_value, RagAppError) else thread_hook(hook_args)
     )
     try:
-        engine = build_chat_engine(cfg, index=index, llm=llm, top_k=args.top_k, filters=filters)
+        engine = build_chat_engine(
+            cfg, index=index, llm=llm, top_k=args.top_k, filters=filters, embed_model=embed_model
+        )
         interactive = sys.stdin.isatty()
         if interactive:
             print(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rag_app.cli import load_cli_config
+from rag_app.components.globs import glob_problem
 from rag_app.display import one_line
 from rag_app.errors import RagAppError
 
@@ -16,8 +17,16 @@ from rag_app.errors import RagAppError
 def ingest(args: argparse.Namespace) -> int:
     from rag_app.pipelines.ingest import ingest_path
 
-    overrides = {"milvus__adopt_foreign_collection": True} if args.adopt else {}
+    overrides: dict[str, object] = {"milvus__adopt_foreign_collection": True} if args.adopt else {}
     cfg = load_cli_config(args, **overrides)
+    for flag, patterns in (("--include", args.include), ("--exclude", args.exclude)):
+        for pattern in patterns:
+            if (problem := glob_problem(pattern)) is not None:
+                raise RagAppError(f"{flag} {pattern!r} {problem}")
+    if args.include or args.exclude:  # appended to the settings' globs
+        overrides["ingestion__include"] = [*cfg.ingestion.include, *args.include]
+        overrides["ingestion__exclude"] = [*cfg.ingestion.exclude, *args.exclude]
+        cfg = load_cli_config(args, **overrides)
     report = ingest_path(
         cfg,
         args.path,
@@ -74,7 +83,13 @@ def evaluate(args: argparse.Namespace) -> int:
     items = load_qa(args.qa)
     overrides = {"retrieval__mode": args.mode} if args.mode else {}
     cfg = load_cli_config(args, **overrides)
-    retriever = build_retriever(cfg, build_index(cfg), top_k=CHUNKS_PER_DOCUMENT * args.k)
+    from rag_app.components.embedding import build_embed_model
+
+    embed_model = build_embed_model(cfg)
+    index = build_index(cfg, embed_model=embed_model)
+    retriever = build_retriever(
+        cfg, index, top_k=CHUNKS_PER_DOCUMENT * args.k, embed_model=embed_model
+    )
     scores = evaluate_retrieval(items, retriever.retrieve, k=args.k)
     print(f"{cfg.retrieval.mode:<12}{scores.row()}")
     if args.out:

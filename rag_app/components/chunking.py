@@ -19,13 +19,21 @@ from llama_index.core import Document
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode, TextNode
 
-from rag_app.components.readers import bounded
+from rag_app.components.context import (
+    CONTEXT_KEY,
+    SECTION_SEPARATOR,
+    contextual_text,
+    render_context,
+)
+from rag_app.components.readers import MAX_TITLE_CHARS, bounded
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
 
 log = logging.getLogger(__name__)
 TokenCounter = tuple[Callable[[str], int], int]
-_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ #]*$", re.MULTILINE)
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ #]*$", re.MULTILINE)
+# Documents whose text marks headings with "#" lines: Markdown, and HTML as html_text renders it.
+_SECTIONED = {"markdown", "html"}
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 
 
@@ -55,14 +63,18 @@ def build_splitter(cfg: RagConfig, tokens: TokenCounter | None = None) -> Senten
     )
 
 
-def _fit_to_model(nodes: list[BaseNode], tokens: TokenCounter) -> list[BaseNode]:
-    """Split chunks the embedding model would truncate into pieces it reads whole."""
-    count, limit = tokens
+def _fit_to_model(
+    nodes: list[BaseNode], tokens: TokenCounter, reserve: dict[str, int] | None = None
+) -> list[BaseNode]:
+    """Split chunks the embedding model would truncate into pieces it reads whole, leaving
+    room for their document's longest context header (``reserve``: tokens per document)."""
+    count, model_limit = tokens
     fitted: list[BaseNode] = []
     too_long = 0
     for node in nodes:
         text = node.get_content()
         n_tokens = count(text)
+        limit = max(model_limit - (reserve or {}).get(node.ref_doc_id or "", 0), 16)
         if n_tokens <= limit:
             fitted.append(node)
             continue
@@ -83,25 +95,46 @@ def _fit_to_model(nodes: list[BaseNode], tokens: TokenCounter) -> list[BaseNode]
     if too_long:
         log.warning(
             "%d chunks were longer than the embedding model's %d tokens and were split "
-            "further (lower chunking.chunk_size to avoid this)",
+            "further (lower chunking.chunk_size, or shorten chunking.context_template, to "
+            "avoid this)",
             too_long,
-            limit,
+            model_limit,
         )
     return fitted
 
 
 def _sections(document: Document) -> tuple[list[int], list[str]]:
-    """Offsets and titles of a Markdown document's headings (not ``#`` lines in code)."""
-    if document.metadata.get("doc_type") != "markdown":
+    """Offsets of a document's headings (not ``#`` lines in fenced code) and the section path
+    each one starts: the titles of the headings above it and its own, ``"Guide > Install >
+    On Linux"``. Markdown and HTML (whose headings :mod:`html_text` renders as ``#`` lines)."""
+    if document.metadata.get("doc_type") not in _SECTIONED:
         return [], []
     text = document.text
     fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
     matches = [m for m in _HEADING.finditer(text) if not any(a <= m.start() < b for a, b in fences)]
-    return [m.start() for m in matches], [bounded(m.group(1)) for m in matches]
+    paths: list[str] = []
+    open_headings: list[tuple[int, str]] = []  # (level, title), outermost first
+    for match in matches:
+        level = len(match.group(1))
+        while open_headings and open_headings[-1][0] >= level:
+            open_headings.pop()
+        open_headings.append((level, bounded(match.group(2))))
+        path = SECTION_SEPARATOR.join(title for _, title in open_headings)
+        paths.append(bounded(path, 2 * MAX_TITLE_CHARS))
+    return [m.start() for m in matches], paths
+
+
+def _context_section(section: str | None, title: str | None) -> str | None:
+    """The section path as the context header shows it: without a first heading that only
+    repeats the document's title (a Markdown page's ``# Title``)."""
+    if not section or not title:
+        return section
+    first, _, rest = section.partition(SECTION_SEPARATOR)
+    return (rest or None) if first == title else section
 
 
 def _section_of(node: BaseNode, offsets: list[int], titles: list[str]) -> str | None:
-    """The heading of the section holding most of a chunk's text (chunks may span two)."""
+    """The section path of the section holding most of a chunk's text (chunks may span two)."""
     start = getattr(node, "start_char_idx", None) or 0
     end = getattr(node, "end_char_idx", None) or start + len(node.get_content())
     first = bisect.bisect_right(offsets, start) - 1
@@ -116,10 +149,33 @@ def _section_of(node: BaseNode, offsets: list[int], titles: list[str]) -> str | 
     return best
 
 
+def _header(cfg: RagConfig, doc: Document, section: str | None) -> str:
+    """A chunk's context header: the template rendered with its document's metadata."""
+    values = {**doc.metadata, "section": _context_section(section, doc.metadata.get("title"))}
+    return render_context(cfg.chunking.context_template, values)
+
+
+def _longest_header(
+    cfg: RagConfig, doc: Document, paths: list[str], count: Callable[[str], int]
+) -> int:
+    """Tokens of the longest header a chunk of ``doc`` can get, with the blank line after it."""
+    if not cfg.chunking.context_template:
+        return 0
+    headers = {_header(cfg, doc, section) for section in [None, *paths]}
+    return max((count(header + "\n\n") for header in headers if header), default=0)
+
+
+def embed_text(node: BaseNode) -> str:
+    """What is embedded for a chunk, and what the collection's BM25 field indexes: its
+    context header (``chunking.context_template``, rendered at chunking) and its text."""
+    return contextual_text(node.get_content(), node.metadata.get(CONTEXT_KEY))
+
+
 def chunk_documents(
     cfg: RagConfig, documents: Sequence[Document], tokens: TokenCounter | None = None
 ) -> list[BaseNode]:
-    """Split documents into chunks; each carries its document's metadata and section.
+    """Split documents into chunks; each carries its document's metadata, its section path
+    and the context header that :func:`embed_text` puts before its text.
 
     Splitting ignores metadata (the text, not text plus a path, is what is 512 characters
     long). ``tokens`` (a counter and the embedding model's limit) guards against chunks
@@ -135,10 +191,14 @@ def chunk_documents(
         for doc in documents
     ]  # fmt: skip
     nodes = build_splitter(cfg, tokens).get_nodes_from_documents(bare)
-    if tokens is not None:
-        nodes = _fit_to_model(nodes, tokens)
     by_id = {doc.doc_id: doc for doc in documents}
     sections = {doc.doc_id: _sections(doc) for doc in documents}
+    if tokens is not None:
+        reserve = {
+            doc.doc_id: _longest_header(cfg, doc, sections[doc.doc_id][1], tokens[0])
+            for doc in documents
+        }
+        nodes = _fit_to_model(nodes, tokens, reserve)
     numbering: dict[str, int] = {}
     cursor: dict[str, int] = {}
     for node in nodes:
@@ -157,10 +217,15 @@ def chunk_documents(
         section = _section_of(node, *sections[doc_id])
         if section is not None:
             node.metadata["section"] = section
+        header = _header(cfg, doc, section)
+        if header:
+            node.metadata[CONTEXT_KEY] = header
+        # Embedded: the header and the text (see embed_text); the LLM sees the text with the
+        # document's source and title, as before; neither sees the header in metadata form.
         node.excluded_embed_metadata_keys = list(node.metadata)
         node.excluded_llm_metadata_keys = [
             key
             for key in node.metadata
-            if key in doc.excluded_llm_metadata_keys or key == "section"
+            if key in doc.excluded_llm_metadata_keys or key in ("section", CONTEXT_KEY)
         ]
     return nodes

@@ -17,8 +17,9 @@ The text rules: the first ``<main>`` (or ``role="main"``) is the text if it has 
 the first ``<article>``, else the whole page; boilerplate (``script``, ``style``, ``nav``,
 ``header``, ``footer``, ``aside``, ``form``, ``noscript``, ``template``, ARIA navigation
 roles) and Sphinx's ``¶`` permalinks (``<a class="headerlink">``) are dropped; block
-elements end lines; headings become Markdown heading lines (``## Title``), so sections are
-found in HTML as in Markdown; ``<title>`` is the title.
+elements end lines; headings become Markdown heading lines (``## Title``) and ``<pre>`` text
+a fenced code block, so sections are found in HTML as in Markdown (a ``# comment`` in code
+is no heading); ``<title>`` is the title.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 
 _BLOCK_TAGS = {"p", "div", "br", "li", "tr", "pre", "table", "section", "article", "blockquote"}
 _BLOCK_TAGS |= {"ul", "ol", "dl", "dt", "dd", "main", "figure", "figcaption", "hr", "td", "th"}
+FENCE = "```"  # around <pre> text, as in Markdown
 _HEADINGS = {f"h{level}": level for level in range(1, 7)}
 _BOILERPLATE_TAGS = {"script", "style", "noscript", "nav", "header", "footer", "aside", "form"}
 _BOILERPLATE_TAGS.add("template")
@@ -95,7 +97,9 @@ class _PageText:
             return
         if self._heading_at is not None and (tag in _BLOCK_TAGS or tag in _HEADINGS):
             self._end_heading()  # an unclosed heading ends where a block begins
-        if tag in _HEADINGS:
+        if tag == "pre" and self._pre == 1 and self._heading_at is None:
+            self._emit(f"\n{FENCE}\n")  # code, fenced: a "# comment" in it is no heading
+        elif tag in _HEADINGS:
             self._heading_at = depth
             self._emit("\n" + "#" * _HEADINGS[tag] + " ")
         elif tag in _BLOCK_TAGS:
@@ -122,6 +126,8 @@ class _PageText:
             return
         if depth == self._heading_at:
             self._end_heading()
+        elif tag == "pre" and not self._pre and self._heading_at is None:
+            self._emit(f"\n{FENCE}\n")
         elif tag in _BLOCK_TAGS and not (tag == "br" and self._heading_at is not None):
             self._emit("\n")
         for region, at in self._region_at.items():

@@ -16,8 +16,8 @@ import io
 import math
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 from charset_normalizer import from_bytes
 from llama_index.core import Document
 
+from rag_app.components.globs import selected, unmatched
 from rag_app.errors import first_line
 
 # Metadata the LLM sees with each chunk; everything else stays out of prompts and
@@ -191,18 +192,49 @@ PARSERS: dict[str, tuple[str, Callable[[bytes], Parsed]]] = {
 }
 
 
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under the folder ``root``, sorted, hidden ones (any path part starting
+    with ``.``) left out; symbolically linked folders are not followed."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def discover(root: Path) -> list[Path]:
     """Supported files under ``root`` (or ``root`` itself), sorted, hidden ones left out.
     Symbolically linked folders are not followed; linked files are listed (and checked by
     :func:`load_document`)."""
     if root.is_file():
         return [root] if root.suffix.lower() in PARSERS else []
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in PARSERS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    return [p for p in _visible_files(root) if p.suffix.lower() in PARSERS]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The discovered files that ``ingestion.include``/``exclude`` keep, how many they left
+    out, and the globs that match no file of the folder at all (typos, most likely)."""
+
+    files: list[Path]
+    excluded: int = 0
+    unmatched_include: list[str] = field(default_factory=list)
+    unmatched_exclude: list[str] = field(default_factory=list)
+
+
+def select_files(
+    root: Path, files: list[Path], include: Sequence[str], exclude: Sequence[str]
+) -> Selection:
+    """The files of ``files`` (found by :func:`discover`) that are part of the folder by
+    the globs. A single file named on its own is always kept: naming it is explicit. Globs
+    are checked for matches against every visible file, supported or not, so an exclude
+    of an asset folder (``_static/**``) is no typo even though nothing there is read."""
+    if root.is_file() or not (include or exclude):
+        return Selection(files)
+    kept = [f for f in files if selected(document_id(f, root), include, exclude)]
+    every = [p.relative_to(root).as_posix() for p in _visible_files(root)]
+    return Selection(
+        kept, len(files) - len(kept), unmatched(include, every), unmatched(exclude, every)
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core import VectorStoreIndex
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.postprocessor import SimilarityPostprocessor
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -103,16 +104,28 @@ def build_retriever(
     *,
     top_k: int | None = None,
     filters: MetadataFilters | None = None,
+    embed_model: BaseEmbedding | None = None,
 ) -> PostprocessedRetriever:
     """The configured retrieval: Milvus search for candidates, then the postprocessors.
 
     With ``retrieval.abstain_below`` set, it returns no chunks at all when no chunk is
-    relevant enough (see :class:`RelevanceGate`), and the query engine abstains.
+    relevant enough (see :class:`RelevanceGate`), and the query engine abstains; the gate
+    embeds questions with ``embed_model`` (the index's model: pass it, or it is loaded
+    again from the settings).
     """
     stages = build_postprocessors(cfg, top_k)
     expr = search_filter(index.vector_store, filters)
     if cfg.retrieval.abstain_below is not None:
-        gate = RelevanceGate(threshold=cfg.retrieval.abstain_below, index=index, expr=expr)
+        if embed_model is None:
+            from rag_app.components.embedding import build_embed_model
+
+            embed_model = build_embed_model(cfg)
+        gate = RelevanceGate(
+            threshold=cfg.retrieval.abstain_below,
+            store=index.vector_store,
+            embed_model=embed_model,
+            expr=expr,
+        )
         stages.insert(0, gate)
     return PostprocessedRetriever(_search(cfg, index, top_k=top_k, expr=expr), stages)
 
@@ -203,13 +216,18 @@ def build_postprocessors(cfg: RagConfig, top_k: int | None = None) -> list[BaseN
 
 
 def _cross_encoder(model: str, top_n: int, device: str) -> BaseNodePostprocessor:
+    """LlamaIndex's sentence-transformers reranker, keeping the ``top_n`` best candidates.
+
+    A model that cannot be loaded is one line: transformers raises ``OSError`` for a
+    missing model and ``ValueError`` for a folder without a readable ``config.json``.
+    """
     from llama_index.core.postprocessor import SentenceTransformerRerank
 
     try:
         return SentenceTransformerRerank(
             model=model, top_n=top_n, device=None if device == "auto" else device
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         reason = first_line(exc)
         raise RagAppError(
             f"cannot load reranker {model!r}: {reason} (download it first, e.g. "
@@ -226,7 +244,8 @@ class RelevanceGate(BaseNodePostprocessor):
     """
 
     threshold: float
-    index: Any = Field(exclude=True)
+    store: Any = Field(exclude=True, description="the collection's vector store")
+    embed_model: Any = Field(exclude=True, description="the model the collection was embedded with")
     expr: str = Field(default="", description="the search's Milvus filter expression")
 
     @classmethod
@@ -238,11 +257,11 @@ class RelevanceGate(BaseNodePostprocessor):
     ) -> list[NodeWithScore]:
         if not nodes or query_bundle is None:
             return nodes
-        embedding = query_bundle.embedding or self.index._embed_model.get_query_embedding(
+        embedding = query_bundle.embedding or self.embed_model.get_query_embedding(
             query_bundle.query_str
         )
         kwargs = {"string_expr": self.expr} if self.expr else {}
-        best = self.index.vector_store.query(
+        best = self.store.query(
             VectorStoreQuery(query_embedding=embedding, similarity_top_k=1), **kwargs
         )
         relevance = max(best.similarities or [0.0])

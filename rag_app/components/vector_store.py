@@ -11,7 +11,7 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +19,19 @@ from typing import Any, TypeVar, overload
 
 from llama_index.core import StorageContext
 from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import BaseNode
+from llama_index.core.utils import iter_batch
 from llama_index.core.vector_stores.types import VectorStoreQuery
+from llama_index.core.vector_stores.utils import node_to_metadata_dict
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from llama_index.vector_stores.milvus.utils import BM25BuiltInFunction
 from pydantic import PrivateAttr
-from pymilvus import MilvusClient, MilvusException
+from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.client.types import LoadState
 
 from rag_app.compat import milvus_lite as milvus_lite_compat
 from rag_app.compat.llama_index_milvus import MilvusVectorStoreCompat
+from rag_app.components.context import CONTEXT_KEY, contextual_text
 from rag_app.components.embedding import build_embed_model, embedding_dimension, model_identity
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError
@@ -38,6 +42,11 @@ T = TypeVar("T")
 MODEL_PROPERTY = "rag_app.embedding_model"
 EMBEDDING_FIELD = "embedding"
 SPARSE_FIELD = "sparse_embedding"
+# What BM25 reads in collections created with it since the context template: a chunk's
+# context header and text, exactly what was embedded; "text" stays the bare chunk the LLM
+# and the sources show. Older collections compute BM25 from "text" (see _bm25_input).
+CONTEXT_FIELD = "context_text"
+TEXT_FIELD = "text"
 
 
 class RagMilvusVectorStore(MilvusVectorStoreCompat):
@@ -46,12 +55,60 @@ class RagMilvusVectorStore(MilvusVectorStoreCompat):
     (see :mod:`rag_app.compat.llama_index_milvus`)."""
 
     _retry: MilvusRetry = PrivateAttr()
+    # The scalar field that holds each chunk's contextual text (None: the collection has
+    # none, written before the context template or without BM25).
+    context_field: str | None = None
 
-    def __init__(self, *, retry_seconds: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self, *, retry_seconds: float, context_field: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)  # upstream passes unknown keywords to MilvusClient
+        self.context_field = context_field
         self._retry = MilvusRetry(
             kwargs["uri"], retry_seconds, lambda: self.client.load_collection(self.collection_name)
         )
+
+    def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
+        """Upstream's upsert of the nodes, plus each chunk's contextual text in
+        :data:`CONTEXT_FIELD` when the collection has one. Upstream writes the text field and
+        metadata only; the contextual text is not metadata, since metadata is also stored
+        in every row's ``_node_content`` and returned with every search hit."""
+        if self.context_field is None:
+            return super().add(list(nodes), **add_kwargs)  # type: ignore[no-any-return]
+        write = self.client.upsert if self.upsert_mode else self.client.insert
+        for batch in iter_batch([self._row(node) for node in nodes], self.batch_size):
+            write(
+                self.collection_name, batch, partition_name=add_kwargs.get("milvus_partition_name")
+            )
+        if add_kwargs.get("force_flush", False):
+            self.client.flush(self.collection_name)
+        return [node.node_id for node in nodes]
+
+    async def async_add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
+        """:meth:`add` on the async client."""
+        if self.context_field is None:
+            return await super().async_add(list(nodes), **add_kwargs)  # type: ignore[no-any-return]
+        write = self.aclient.upsert if self.upsert_mode else self.aclient.insert
+        for batch in iter_batch([self._row(node) for node in nodes], self.batch_size):
+            await write(
+                self.collection_name, batch, partition_name=add_kwargs.get("milvus_partition_name")
+            )
+        if add_kwargs.get("force_flush", False):
+            await self.aclient.flush(self.collection_name)
+        return [node.node_id for node in nodes]
+
+    def _row(self, node: BaseNode) -> dict[str, Any]:
+        """A node as upstream's ``add`` writes it (metadata, ``_node_content``, text, id,
+        dense vector; BM25 is computed by Milvus), with its contextual text."""
+        row = node_to_metadata_dict(node, remove_text=True, text_field=self.text_key)
+        text = node.get_content()
+        row[self.text_key] = text
+        row["id"] = node.node_id
+        row[self.embedding_field] = node.embedding
+        row[self.context_field or CONTEXT_FIELD] = contextual_text(
+            text, node.metadata.get(CONTEXT_KEY)
+        )
+        return row
 
     @property
     def retry(self) -> MilvusRetry:
@@ -211,6 +268,16 @@ def _collection_facts(info: dict[str, Any]) -> tuple[int | None, str | None, boo
     return dim, info.get("properties", {}).get(MODEL_PROPERTY), has_bm25
 
 
+def _bm25_input(info: dict[str, Any]) -> str:
+    """The field a collection's BM25 function reads: :data:`CONTEXT_FIELD` in collections
+    created since the context template, :data:`TEXT_FIELD` in older ones."""
+    for function in info.get("functions", []):
+        inputs = function.get("input_field_names") or []
+        if function.get("output_field_names") == [SPARSE_FIELD] and inputs:
+            return str(inputs[0])
+    return TEXT_FIELD
+
+
 def build_vector_store(
     cfg: RagConfig, embed_model: BaseEmbedding | None = None
 ) -> MilvusVectorStore:
@@ -271,7 +338,9 @@ def _open_or_create(cfg: RagConfig, new_dim: int | None) -> MilvusVectorStore | 
     try:
         exists = client.has_collection(settings.collection)
         if exists:
-            dim, stored, bm25 = _collection_facts(client.describe_collection(settings.collection))
+            described = client.describe_collection(settings.collection)
+            dim, stored, bm25 = _collection_facts(described)
+            bm25_input = _bm25_input(described) if bm25 else None
             if stored is None and not settings.adopt_foreign_collection:
                 raise RagAppError(
                     f"collection {settings.collection!r} at {settings.uri} was not made by "
@@ -290,7 +359,9 @@ def _open_or_create(cfg: RagConfig, new_dim: int | None) -> MilvusVectorStore | 
             return None
         else:
             dim, bm25 = new_dim, settings.bm25
+            bm25_input = CONTEXT_FIELD if bm25 else None
         ranker, ranker_params = _hybrid_ranker(cfg)
+        context_field = CONTEXT_FIELD if bm25_input == CONTEXT_FIELD else None
         with quiet_lite_timestamps():
             store = RagMilvusVectorStore(  # type: ignore[call-arg]  # pydantic plugin vs. base __init__
                 retry_seconds=settings.timeout,
@@ -309,12 +380,19 @@ def _open_or_create(cfg: RagConfig, new_dim: int | None) -> MilvusVectorStore | 
                 enable_sparse=bm25,
                 sparse_embedding_field=SPARSE_FIELD,
                 sparse_embedding_function=(
-                    BM25BuiltInFunction(input_field_names="text", output_field_names=SPARSE_FIELD)
+                    BM25BuiltInFunction(
+                        input_field_names=bm25_input or TEXT_FIELD,
+                        output_field_names=SPARSE_FIELD,
+                    )
                     if bm25
                     else None
                 ),
+                # A new collection's contextual-text field, analysed for BM25.
+                scalar_field_names=[CONTEXT_FIELD] if context_field else None,
+                scalar_field_types=[DataType.VARCHAR] if context_field else None,
                 hybrid_ranker=ranker,
                 hybrid_ranker_params=ranker_params,
+                context_field=context_field,
             )
         store.client.load_collection(settings.collection)
     except MilvusException as exc:

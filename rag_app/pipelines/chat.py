@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import suppress
 
 from llama_index.core import VectorStoreIndex
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import CondensePlusContextChatEngine
 from llama_index.core.chat_engine.condense_plus_context import DEFAULT_CONDENSE_PROMPT_TEMPLATE
@@ -21,6 +22,7 @@ from llama_index.core.memory import Memory
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.vector_stores.types import MetadataFilters
 
+from rag_app.components.embedding import build_embed_model
 from rag_app.components.llm import build_llm
 from rag_app.components.retrieval import build_retriever
 from rag_app.config import RagConfig
@@ -69,6 +71,7 @@ def build_chat_engine(
     top_k: int | None = None,
     filters: MetadataFilters | None = None,
     retriever: BaseRetriever | None = None,
+    embed_model: BaseEmbedding | None = None,
 ) -> CondensePlusContextChatEngine:
     """A chat engine with memory; ``engine.chat(message)`` answers with ``source_nodes``.
 
@@ -78,7 +81,12 @@ def build_chat_engine(
     excerpts (``context_str``, ``context_msg``), the question and the conversation.
     """
     if retriever is None:
-        retriever = build_retriever(cfg, index or build_index(cfg), top_k=top_k, filters=filters)
+        if index is None:
+            embed_model = embed_model or build_embed_model(cfg)
+            index = build_index(cfg, embed_model=embed_model)
+        retriever = build_retriever(
+            cfg, index, top_k=top_k, filters=filters, embed_model=embed_model
+        )
     llm = llm or build_llm(cfg)
     return CondensePlusContextChatEngine.from_defaults(
         retriever=retriever,

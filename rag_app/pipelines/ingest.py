@@ -2,7 +2,8 @@
 
 The collection is the only record. Every chunk row carries its document's id (the path
 relative to the ingested folder), a fingerprint of the document version it came from
-(``doc_hash``: text, title, chunking and embedding settings) and the number of chunks of
+(``doc_hash``: text, title, chunking settings with the context template, embedding
+settings) and the number of chunks of
 that version (``doc_chunks``). So a run, from any machine, can tell for each document
 whether it is unchanged (all its rows carry the current fingerprint and none is missing:
 nothing is embedded), new or changed (embedded and upserted under stable chunk ids
@@ -28,11 +29,11 @@ from functools import partial
 from pathlib import Path
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from llama_index.core.schema import BaseNode, Document, MetadataMode
+from llama_index.core.schema import BaseNode, Document
 from llama_index.vector_stores.milvus import MilvusVectorStore
 from tqdm import tqdm
 
-from rag_app.components.chunking import chunk_documents
+from rag_app.components.chunking import chunk_documents, embed_text
 from rag_app.components.embedding import build_embed_model, model_identity, token_counter
 from rag_app.components.milvus_expr import ALL_ROWS, absent_or_not, equals, one_of
 from rag_app.components.readers import (
@@ -41,6 +42,7 @@ from rag_app.components.readers import (
     discover,
     document_id,
     load_documents,
+    select_files,
 )
 from rag_app.components.vector_store import (
     MilvusRetry,
@@ -68,6 +70,9 @@ class IngestReport:
     updated: int = 0
     unchanged: int = 0
     deleted: int = 0
+    # Files of the folder left out by ingestion.include/exclude (their stored documents,
+    # if any, are deleted like removed files' and counted in ``deleted``).
+    excluded: int = 0
     chunks: int = 0
     seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -87,6 +92,8 @@ class IngestReport:
             f"{self.unchanged} unchanged, {self.deleted} deleted; {self.chunks} chunks written "
             f"in {self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s)"
         )
+        if self.excluded:
+            line += f"; {self.excluded} files excluded by ingestion.include/exclude"
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: " + "; ".join(
                 f"{one_line(path)} ({one_line(reason)})" for path, reason in self.skipped
@@ -110,6 +117,7 @@ def fingerprint(cfg: RagConfig, document: Document) -> str:
         cfg.embedding.precision,
         cfg.chunking.chunk_size,
         cfg.chunking.chunk_overlap,
+        cfg.chunking.context_template,
         model_identity(cfg.embedding.model),
         cfg.embedding.text_instruction,
         document.metadata.get("title"),
@@ -229,12 +237,36 @@ def _read_folder(
     if not root.exists():
         raise RagAppError(f"no such file or folder: {root}")
     files = discover(root)
+    kinds = ", ".join(sorted(PARSERS))
     if not files:
-        kinds = ", ".join(sorted(PARSERS))
         raise RagAppError(f"no documents to ingest in {root} (looked for {kinds})")
+    settings = cfg.ingestion
+    selection = select_files(root, files, settings.include, settings.exclude)
+    for key, patterns in (
+        ("include", selection.unmatched_include),
+        ("exclude", selection.unmatched_exclude),
+    ):
+        for pattern in patterns:
+            log.warning(
+                "ingestion.%s glob %r matches no file in %s (a typo? globs match paths "
+                "relative to the folder, '**/' for any folders)",
+                key, pattern, root,
+            )  # fmt: skip
+    report.excluded = selection.excluded
+    if not selection.files:
+        raise RagAppError(
+            f"no documents to ingest in {root}: ingestion.include {settings.include} and "
+            f"ingestion.exclude {settings.exclude} leave none of its {len(files)} files "
+            f"(looked for {kinds})"
+        )
+    if selection.excluded:
+        log.info(
+            "%d of %d files left out by ingestion.include/exclude",
+            selection.excluded, len(files),
+        )  # fmt: skip
+    files = selection.files
     documents: list[Document] = []
     kept: set[str] = set()
-    settings = cfg.ingestion
     for file, result in load_documents(
         files,
         root,
@@ -274,7 +306,7 @@ def _embed_into(
             by_length = sorted(unit, key=lambda node: len(node.get_content()))
             for start in range(0, len(by_length), batch_size):
                 batch = by_length[start : start + batch_size]
-                texts = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in batch]
+                texts = [embed_text(node) for node in batch]
                 vectors = embed_model.get_text_embedding_batch(texts)
                 for node, vector in zip(batch, vectors, strict=True):
                     node.embedding = vector
@@ -303,10 +335,12 @@ def ingest_path(
 ) -> IngestReport:
     """Sync a folder (read recursively) or a single file into the configured collection.
 
-    Documents that vanished from a folder are deleted unless ``delete_missing`` is
-    false; a single file never deletes others. Unreadable files are skipped, listed in
-    the report and keep whatever the collection held for them. A path with nothing
-    readable raises :class:`RagAppError`. ``progress=None`` shows a bar on a terminal;
+    Documents that vanished from a folder, or that ``ingestion.include``/``exclude`` now
+    leave out, are deleted unless ``delete_missing`` is false; a single file is ingested
+    whatever the globs say (naming it is explicit) and never deletes others. Unreadable
+    files are skipped, listed in the report and keep whatever the collection held for them.
+    A path with nothing readable raises :class:`RagAppError`. ``progress=None`` shows a bar
+    on a terminal;
     without one, a log line reports progress every ``log_every`` seconds.
     """
     started = time.perf_counter()
@@ -321,6 +355,14 @@ def ingest_path(
         embed_model = embed_model or build_embed_model(cfg)
         store = build_vector_store(cfg, embed_model)
     retry = MilvusRetry.for_store(cfg, store)
+    if getattr(store, "enable_sparse", False) and getattr(store, "context_field", 1) is None:
+        log.warning(
+            "collection %r was created before chunks carried their context: its BM25 reads "
+            "the bare chunk text (dense search gets the context); for BM25 over titles and "
+            "sections too, ingest into a new milvus.collection (or drop this one with "
+            "`rag-app collections --drop %s --yes` and ingest again)",
+            store.collection_name, store.collection_name,
+        )  # fmt: skip
     stored = retry.call(lambda: _stored_documents(store), "read of the stored documents")
 
     pending: list[Document] = []

@@ -153,6 +153,7 @@ def build_query_engine(
     filters: MetadataFilters | None = None,
     streaming: bool = False,
     retriever: BaseRetriever | None = None,
+    embed_model: BaseEmbedding | None = None,
 ) -> RetrieverQueryEngine:
     """The grounded query engine: retrieve ``top_k`` chunks, answer from them with sources.
 
@@ -161,7 +162,12 @@ def build_query_engine(
     shares one between its streaming and whole-answer engines).
     """
     if retriever is None:
-        retriever = build_retriever(cfg, index or build_index(cfg), top_k=top_k, filters=filters)
+        if index is None:
+            embed_model = embed_model or build_embed_model(cfg)
+            index = build_index(cfg, embed_model=embed_model)
+        retriever = build_retriever(
+            cfg, index, top_k=top_k, filters=filters, embed_model=embed_model
+        )
     llm = llm or build_llm(cfg)
     synthesizer = GroundedSynthesizer(
         llm=llm,

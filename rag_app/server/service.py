@@ -308,7 +308,9 @@ class RagService:
             cfg = self._cfg(ask.collection, ask.mode)
             try:
                 filters = parse_filters(ask.filters)
-                retriever = build_retriever(cfg, index, top_k=ask.top_k, filters=filters)
+                retriever = build_retriever(
+                    cfg, index, top_k=ask.top_k, filters=filters, embed_model=self.embed_model
+                )
             except RagAppError as exc:
                 raise ApiError(400, str(exc), "invalid_retrieval") from None
             setup = self._setups[key] = _Setup(cfg, retriever)

@@ -49,8 +49,10 @@ def build_embed_model(cfg: RagConfig) -> BaseEmbedding:
     try:
         return UnitNormEmbedding(
             model_name=settings.model,
-            query_instruction=settings.query_instruction or None,
-            text_instruction=settings.text_instruction or None,
+            # "" is kept as "": no instruction (see UnitNormEmbedding._embed), where None
+            # would let HuggingFaceEmbedding put BGE's default back for BGE model ids.
+            query_instruction=settings.query_instruction,
+            text_instruction=settings.text_instruction,
             normalize=True,
             embed_batch_size=settings.batch_size,
             device=None if settings.device == "auto" else settings.device,
