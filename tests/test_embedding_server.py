@@ -92,7 +92,7 @@ def cosines(a: list[list[float]], b: list[list[float]]) -> np.ndarray:
 def test_server_vectors_match_the_in_process_ones(embedding_server, fp32_model):
     from rag_app import build_embed_model
 
-    model = build_embed_model(server_cfg(embedding_server.url, embedding__batch_size=8))
+    model = build_embed_model(server_cfg(embedding_server.url, batch_size=8))
     texts = passages()
     served = model.get_text_embedding_batch(texts)
     local = fp32_model.get_text_embedding_batch(texts)
@@ -312,9 +312,9 @@ def test_server_mode_needs_an_api_base():
 
 
 class CountingServer(http.server.ThreadingHTTPServer):
-    """A fake /v1/embeddings that counts the requests being answered at once. Each is held
-    until two have been in at the same time (at most 30 s, once): a client that sends one
-    batch after another waits out that hold on every request, and the peak stays 1."""
+    """A fake /v1/embeddings that counts the requests being answered at once. Each batch is
+    held until two requests have been in at the same time (at most 30 s): a client that
+    sends one batch after another waits out that hold on every batch, and the peak stays 1."""
 
     daemon_threads = True
 
@@ -341,7 +341,8 @@ class _CountingHandler(http.server.BaseHTTPRequestHandler):
             server.sizes.append(len(body["input"]))
         if server.peak >= 2:
             server.together.set()
-        server.together.wait(30)
+        if len(body["input"]) > 1:  # a batch, not the one-text dimension probe
+            server.together.wait(30)
         data = [
             {"object": "embedding", "index": i, "embedding": [float(len(text)), 1.0, 0.0, 2.0]}
             for i, text in enumerate(body["input"])
@@ -402,3 +403,13 @@ def test_an_ingest_keeps_max_in_flight_batches_in_flight(counting_server, corpus
     report = ingest_path(cfg, corpus_slice, progress=False)
     assert report.chunks > 8 * 4
     assert counting_server.peak == 2
+
+
+def test_credentials_in_api_base_become_the_api_key_and_are_never_shown():
+    cfg = load_config(
+        PROFILE, embedding__mode="server", embedding__api_base="https://u:sk-in-url-2718@h/v1"
+    )
+    assert cfg.embedding.api_base == "https://h/v1"
+    assert cfg.embedding.api_key.get_secret_value() == "u:sk-in-url-2718"
+    error = RagAppError(f"failed with key {cfg.embedding.api_key.get_secret_value()}")
+    assert "sk-in-url-2718" not in str(error)
