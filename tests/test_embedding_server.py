@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -304,7 +305,8 @@ def test_cli_ingest_naming_a_model_the_server_lacks_fails_in_one_line(
 
 
 def test_server_mode_needs_an_api_base():
-    with pytest.raises(RagAppError, match="embedding.mode = 'server' needs embedding.api_base"):
+    needs = re.escape("embedding.mode = 'server' needs embedding.api_base")
+    with pytest.raises(RagAppError, match=needs):
         load_config(PROFILE, embedding__mode="server")
 
 
