@@ -119,6 +119,46 @@ class EmbeddingSettings(_Section):
     # beside the model or in ~/.cache/rag_app/onnx). See docs/configuration.md and
     # scripts/bench_ingest.py for the speed and retrieval-quality figures.
     precision: Literal["fp32", "bf16", "int8"] = "bf16"
+    # "server": vectors from an OpenAI-compatible /v1/embeddings endpoint (vLLM's pooling
+    # runner, Infinity, TEI) at api_base; embedding.model is then the served model name,
+    # which is also the identity stored with the collection (its last path part), so a
+    # collection embedded in-process can be queried with a server's vectors and vice versa.
+    mode: Literal["local", "server"] = "local"
+    api_base: str = ""  # e.g. http://127.0.0.1:8001/v1
+    api_key: SecretStr = SecretStr("")
+    # Server mode: the tokenizer chunks are measured with (a folder or hub id); "" =
+    # embedding.model's when that is a folder. Without one, chunks are not checked against
+    # the model's input limit (the server truncates what is longer).
+    tokenizer: str = ""
+    # Server mode: batches of batch_size chunks sent at once (the servers batch them too).
+    max_in_flight: int = Field(2, ge=1, le=64)
+    request_timeout: float = Field(60.0, gt=0)
+    # Server mode: retries (exponential backoff, 0.5 s doubling up to 8 s) of a request
+    # that could not connect, timed out or got 408/409/429/5xx: ~50 s of outage at 10.
+    max_retries: int = Field(4, ge=0, le=30)
+    # Server mode: extra fields of each request, e.g. vLLM's {truncate_prompt_tokens = -1}
+    # (truncate a long question to the model's limit, as in-process embedding does).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_api_base(cls, data: Any) -> Any:
+        """Credentials in ``api_base`` become ``api_key`` (see ``LLMSettings``)."""
+        return _credentials_to_secret(data, "api_base", "api_key")
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_without_credentials(cls, url: str) -> str:
+        return split_uri_credentials(url)[0]
+
+    @model_validator(mode="after")
+    def _server_needs_api_base(self) -> EmbeddingSettings:
+        if self.mode == "server" and not self.api_base.startswith(("http://", "https://")):
+            raise ValueError(
+                "embedding.mode = 'server' needs embedding.api_base, the server's "
+                "http(s)://HOST:PORT/v1 URL"
+            )
+        return self
 
 
 class ChunkingSettings(_Section):
@@ -439,7 +479,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         uri = milvus["uri"]
         if not uri.startswith(_SERVER_SCHEMES):
             milvus["uri"] = str((base / Path(uri).expanduser()).resolve())
-    for section, key in (("embedding", "model"), ("llm", "model"), ("llm", "tokenizer")):
+    for section, key in (
+        ("embedding", "model"),
+        ("embedding", "tokenizer"),
+        ("llm", "model"),
+        ("llm", "tokenizer"),
+    ):
         values = data.get(section)
         value = values.get(key) if isinstance(values, dict) else None
         if isinstance(values, dict) and isinstance(value, str) and _looks_like_path(value):
@@ -640,6 +685,7 @@ def _warn_if_exposed(file: Path, data: dict[str, Any]) -> None:
         for key, section, name in (
             ("milvus.token", milvus, "token"),
             ("llm.api_key", llm, "api_key"),
+            ("embedding.api_key", data.get("embedding"), "api_key"),
             ("client.api_key", client, "api_key"),
         )
         if isinstance(section, dict) and section.get(name)
@@ -666,6 +712,7 @@ def _refuse_keys_in_file(file: Path, data: dict[str, Any]) -> None:
 def _register_secrets(cfg: RagConfig) -> None:
     register_secret(cfg.milvus.token.get_secret_value())
     register_secret(cfg.llm.api_key.get_secret_value())
+    register_secret(cfg.embedding.api_key.get_secret_value())
     register_secret(cfg.client.api_key.get_secret_value())
     for key in cfg.server.key_scopes():
         register_secret(key)

@@ -82,6 +82,7 @@ TIER_FIXTURES = {
         "milvus_standalone",
         "standalone_dir",
         "standalone_slice",
+        "embedding_server",
     },
 }
 
@@ -445,6 +446,89 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class EmbeddingServer:
+    """A real vLLM OpenAI-compatible embedding server on 127.0.0.1 (the pooling runner over
+    the offline MiniLM, fp32, served as ``all-MiniLM-L6-v2``), in a process group of its own
+    so that ``kill()`` takes its engine process too; ``start()`` again reuses the port."""
+
+    MODEL = REPO / ".models" / "all-MiniLM-L6-v2"
+    NAME = "all-MiniLM-L6-v2"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = self.base + "/v1"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.MODEL), "--runner", "pooling",
+            "--served-model-name", self.NAME, "--dtype", "float32",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        """Start the process (returns at once; :meth:`wait_ready` waits for it)."""
+        self.starts += 1
+        self.log_path = self.root / f"embedding-server-{self.starts}.log"
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }
+        with self.log_path.open("w") as out:
+            self.process = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while _status(self.base + "/health") != 200:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"embedding server exited: {self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embedding server not ready in {timeout:g} s")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the server and its engine process, as a crash would."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, 9)
+        self.process.wait()
+        while process_group(self.process.pid):  # the engine process, reaped by init
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddingServer]:
+    """One embedding server for the session; a test that kills it starts it again."""
+    server = EmbeddingServer(tmp_path_factory.mktemp("embedding-server"))
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

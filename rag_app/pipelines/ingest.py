@@ -297,15 +297,20 @@ def _embed_into(
     log_every: float,
     documents: int,
 ) -> None:
-    """Embed the chunks in batches and hand each whole-documents unit to the writer."""
+    """Embed the chunks in batches and hand each whole-documents unit to the writer.
+
+    A server's model (``max_in_flight``) is given that many batches per call, which it
+    sends at once; an in-process model gets one batch per call."""
     batch_size = max(cfg.embedding.batch_size, 1)
+    in_flight = int(getattr(embed_model, "max_in_flight", 1) or 1)
+    step = batch_size * in_flight
     started = last_log = time.perf_counter()
     with tqdm(total=len(nodes), unit="chunk", desc="embedding", disable=not show_bar) as bar:
-        for unit in _write_units(nodes, batch_size * 4):
+        for unit in _write_units(nodes, batch_size * max(4, 2 * in_flight)):
             # Similar lengths in a batch waste less compute on padding.
             by_length = sorted(unit, key=lambda node: len(node.get_content()))
-            for start in range(0, len(by_length), batch_size):
-                batch = by_length[start : start + batch_size]
+            for start in range(0, len(by_length), step):
+                batch = by_length[start : start + step]
                 texts = [embed_text(node) for node in batch]
                 vectors = embed_model.get_text_embedding_batch(texts)
                 for node, vector in zip(batch, vectors, strict=True):

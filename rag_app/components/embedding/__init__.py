@@ -11,6 +11,7 @@ when one is built: deciding that nothing needs embedding must not pay for it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from rag_app.errors import RagAppError, first_line
 
 if TYPE_CHECKING:
     from llama_index.core.base.embeddings.base import BaseEmbedding
+
+    from rag_app.components.embedding.server import ServerEmbedding
 
 
 def _looks_like_path(model: str) -> bool:
@@ -32,8 +35,11 @@ def model_identity(model: str) -> str:
 
 
 def build_embed_model(cfg: RagConfig) -> BaseEmbedding:
-    """Load the configured sentence-transformers model (a hub id or a local folder)."""
+    """Load the configured sentence-transformers model (a hub id or a local folder), or, in
+    server mode, a client of the embedding server (no torch is imported then)."""
     settings = cfg.embedding
+    if settings.mode == "server":
+        return build_server_embedding(cfg)
     if _looks_like_path(settings.model) and not (Path(settings.model) / "config.json").is_file():
         raise RagAppError(
             f"embedding model folder not found: {settings.model} "
@@ -112,28 +118,52 @@ def _build_int8(cfg: RagConfig) -> BaseEmbedding:
     refusal = int8_device_refusal(settings.device, _gpu_present)
     if refusal:
         raise RagAppError(refusal)
-    from llama_index.embeddings.huggingface.utils import (
-        get_query_instruct_for_model_name,
-        get_text_instruct_for_model_name,
-    )
-
     from rag_app.components.embedding.onnx import OnnxInt8Embedding, require_backend
 
     require_backend()
     return OnnxInt8Embedding(
         _local_model_dir(settings.model),
-        # The instructions HuggingFaceEmbedding would use for this model, so int8 embeds
-        # the same strings as fp32/bf16.
-        query_instruction=settings.query_instruction
-        or get_query_instruct_for_model_name(settings.model),
-        text_instruction=settings.text_instruction
-        or get_text_instruct_for_model_name(settings.model),
+        # As given, as for fp32/bf16: "" is no instruction.
+        query_instruction=settings.query_instruction,
+        text_instruction=settings.text_instruction,
         embed_batch_size=settings.batch_size,
+    )
+
+
+def build_server_embedding(cfg: RagConfig) -> ServerEmbedding:
+    """A client of the OpenAI-compatible embedding server at ``embedding.api_base``.
+
+    The model name sent is ``embedding.model``; a local folder's name is sent instead of
+    its path (start the server with ``--served-model-name`` that name), which is also the
+    identity stored with the collection, so in-process and server vectors mix. Chunks are
+    measured with ``embedding.tokenizer``, else with the folder's tokenizer.
+    """
+    from rag_app.components.embedding.server import ServerEmbedding
+
+    settings = cfg.embedding
+    local = _looks_like_path(settings.model) or Path(settings.model).expanduser().is_dir()
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", settings.model) is not None
+    tokenizer = settings.tokenizer or (settings.model if local or hub_id else "")
+    return ServerEmbedding(
+        model_name=model_identity(settings.model) if local else settings.model,
+        api_base=settings.api_base,
+        api_key=settings.api_key.get_secret_value(),
+        embed_batch_size=settings.batch_size,
+        max_in_flight=settings.max_in_flight,
+        retries=settings.max_retries,
+        timeout=settings.request_timeout,
+        query_instruction=settings.query_instruction or None,
+        text_instruction=settings.text_instruction or None,
+        extra_body=settings.extra_body,
+        tokenizer_name=tokenizer,
     )
 
 
 def embedding_dimension(embed_model: BaseEmbedding) -> int:
     """The vector size the model produces, which the collection's schema must match."""
+    probe = getattr(embed_model, "dimension", None)
+    if callable(probe):  # a server's model: one request, remembered
+        return int(probe())
     model = getattr(embed_model, "_model", None)
     getter = getattr(model, "get_embedding_dimension", None) or getattr(
         model, "get_sentence_embedding_dimension", None
@@ -147,7 +177,11 @@ def token_counter(embed_model: BaseEmbedding) -> tuple[Callable[[str], int], int
 
     ``None`` for models that do not expose a tokenizer; text beyond the limit would be
     silently truncated by the model, so chunking uses this to split such chunks further.
+    A server's model counts with its tokenizer loaded here, if one is known.
     """
+    own = getattr(embed_model, "token_counter", None)
+    if callable(own):
+        return own()  # type: ignore[no-any-return]
     model = getattr(embed_model, "_model", None)
     tokenizer = getattr(model, "tokenizer", None)
     limit = getattr(model, "max_seq_length", None)
