@@ -420,5 +420,11 @@ def ingest_path(
         retry.call(lambda: _delete_documents(store, gone), "delete")
         report.deleted = len(gone)
 
+    if nodes or report.deleted:
+        # Sealed segments are what Milvus searches fast: Lite's BM25 scans unflushed rows
+        # one by one (844 ms vs 9 ms per search over 6,000 rows, measured), and a server
+        # indexes a segment once it is sealed.
+        name = store.collection_name
+        retry.call(lambda: store.client.flush(name), "flush")
     report.seconds = time.perf_counter() - started
     return report
