@@ -158,7 +158,7 @@ def rag_app_pipeline(root: Path, include: list[str], exclude: list[str], uri: st
     embed_model = build_embed_model(cfg)
     store = build_vector_store(cfg, embed_model)
     report = ingest_path(cfg, root, embed_model=embed_model, vector_store=store, progress=False)
-    print(f"  rag_app {overrides or ''}: {report.summary()}", flush=True)
+    print(f"  rag_app {overrides or '(profile settings)'}: {report.summary()}", flush=True)
     return cfg, embed_model
 
 
