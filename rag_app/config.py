@@ -213,11 +213,12 @@ class IngestionSettings(_Section):
 class RetrievalSettings(_Section):
     top_k: int = Field(3, ge=1, le=MAX_TOP_K)
     # dense: vectors only; sparse: Milvus BM25 full-text only; hybrid: both, fused.
-    # hybrid + weighted measured best on eval/dev.jsonl (scripts/bench_retrieval.py).
+    # hybrid, weighted 0.7 towards dense, measured best on eval/*/dev.jsonl with contextual
+    # chunks (scripts/bench_retrieval.py; docs/retrieval.md has the table).
     mode: Literal["dense", "hybrid", "sparse"] = "hybrid"
     fusion: Literal["rrf", "weighted"] = "weighted"
     rrf_k: int = Field(60, ge=1, le=16384)
-    dense_weight: float = Field(0.5, ge=0.0, le=1.0, description="weighted fusion only")
+    dense_weight: float = Field(0.7, ge=0.0, le=1.0, description="weighted fusion only")
     # Chunks fetched before de-duplication and reranking cut them to top_k.
     candidates: int = Field(20, ge=1, le=1000)
     similarity_cutoff: float | None = Field(None, ge=-1.0, le=1.0)
