@@ -90,9 +90,9 @@ def run_questions(
 
 
 def torch_bf16() -> Any:
-    import torch
+    from rag_app.components.embedding import import_torch  # the OpenMP policy rag_app uses
 
-    return torch.bfloat16
+    return import_torch().bfloat16
 
 
 class _HtmlText:
