@@ -24,7 +24,7 @@ import openai
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from pydantic import Field, PrivateAttr
 
-from rag_app.components.llm.server import _dropped, _reason, _server_message
+from rag_app.components.openai_errors import reason, server_message, transport_error
 from rag_app.errors import RagAppError, first_line, redact_uri
 
 log = logging.getLogger(__name__)
@@ -219,40 +219,29 @@ class ServerEmbedding(BaseEmbedding):
         """The one-line error for a failed request (may ask the server what it serves)."""
         where = self._where()
         tries = f"{self.retries + 1} tries" if self.retries else "1 try"
-        if isinstance(exc, openai.APITimeoutError):
-            message = (
-                f"{where} did not answer within {self.timeout:g} s (after {tries}; raise "
-                "embedding.request_timeout, or check that the server is up and not overloaded)"
-            )
-        elif isinstance(exc, openai.APIConnectionError) and _dropped(exc):
-            message = (
-                f"{where} dropped the connection before answering: {_reason(exc)} (after "
-                f"{tries}; check the server's log, and any proxy in front of it)"
-            )
-        elif isinstance(exc, openai.APIConnectionError):
-            message = (
-                f"cannot reach {where}: {_reason(exc)} (after {tries}; start it, "
-                "or check embedding.api_base)"
-            )
-        elif (
-            isinstance(exc, openai.APIStatusError)
-            and exc.status_code in (400, 404)
-            and ((served := self._served_models()) is not None and self.model_name not in served)
-        ):
-            names = ", ".join(served) or "no model"
-            message = (
-                f"{where} does not serve model {self.model_name!r} (it serves: {names}; "
-                "set embedding.model to one of them)"
-            )
-        elif isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            retried = f", after {tries}" if status >= 500 or status in _RETRIED_STATUS else ""
-            message = (
-                f"{where} answered HTTP {status}{retried}: {_server_message(exc)} "
-                f"({_STATUS_HINTS.get(status, 'check the server log')})"
-            )
-        else:
-            message = f"{where} failed: {_reason(exc)} (check the server log)"
+        message = transport_error(exc, where, tries, "embedding", self.timeout)
+        if message is None:
+            if (
+                isinstance(exc, openai.APIStatusError)
+                and exc.status_code in (400, 404)
+                and (
+                    (served := self._served_models()) is not None and self.model_name not in served
+                )
+            ):
+                names = ", ".join(served) or "no model"
+                message = (
+                    f"{where} does not serve model {self.model_name!r} (it serves: {names}; "
+                    "set embedding.model to one of them)"
+                )
+            elif isinstance(exc, openai.APIStatusError):
+                status = exc.status_code
+                retried = f", after {tries}" if status >= 500 or status in _RETRIED_STATUS else ""
+                message = (
+                    f"{where} answered HTTP {status}{retried}: {server_message(exc)} "
+                    f"({_STATUS_HINTS.get(status, 'check the server log')})"
+                )
+            else:
+                message = f"{where} failed: {reason(exc)} (check the server log)"
         key = self._api_key
         if key and key != "EMPTY":
             message = message.replace(key, "***")

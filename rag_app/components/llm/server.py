@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections.abc import (
     AsyncGenerator,
@@ -31,6 +30,7 @@ from llama_index.core.base.llms.types import (
 )
 
 from rag_app.compat.llama_index_openai import OpenAILikeClientRetries
+from rag_app.components.openai_errors import reason, server_message, transport_error
 from rag_app.config import RagConfig
 from rag_app.errors import RagAppError, first_line, redact_uri
 
@@ -60,43 +60,30 @@ class VllmServerLLM(OpenAILikeClientRetries):
         """The one-line error for a failed request; ``tokens``: those a stream delivered."""
         where = f"the vLLM server at {redact_uri(self.api_base or '')}"
         tries = f"{self.retries + 1} tries" if self.retries else "1 try"
-        if isinstance(exc, openai.APITimeoutError):
-            message = (
-                f"{where} did not answer within {self.timeout:g} s (after {tries}; raise "
-                "llm.request_timeout, or check that the server is up and not overloaded)"
-            )
-        elif isinstance(exc, openai.APIConnectionError) and _dropped(exc):
-            message = (
-                f"{where} dropped the connection before answering: {_reason(exc)} (after "
-                f"{tries}; check the server's log, and any proxy in front of it)"
-            )
-        elif isinstance(exc, openai.APIConnectionError):
-            message = (
-                f"cannot reach {where}: {_reason(exc)} (after {tries}; start it, "
-                "or check llm.api_base)"
-            )
-        elif isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            retried = f", after {tries}" if status >= 500 or status in _RETRIED_STATUS else ""
-            message = (
-                f"{where} answered HTTP {status}{retried}: {_server_message(exc)} "
-                f"({_STATUS_HINTS.get(status, 'check the server log')})"
-            )
-        elif isinstance(exc, httpx.TimeoutException):  # a stream stalled
-            message = (
-                f"{where} sent nothing for {self.timeout:g} s after {tokens or 0} tokens "
-                "(the answer so far is incomplete; ask again, or raise llm.request_timeout)"
-            )
-        elif isinstance(exc, openai.APIError):  # an error event inside the stream
-            message = (
-                f"{where} stopped the stream after {tokens or 0} tokens: {_reason(exc)} "
-                "(the answer so far is incomplete; check the server log and ask again)"
-            )
-        else:  # httpx.RemoteProtocolError, ReadError ...: the connection went away
-            message = (
-                f"{where} closed the stream after {tokens or 0} tokens: {_reason(exc)} "
-                "(the answer so far is incomplete; ask again once the server is back)"
-            )
+        message = transport_error(exc, where, tries, "llm", self.timeout)
+        if message is None:
+            if isinstance(exc, openai.APIStatusError):
+                status = exc.status_code
+                retried = f", after {tries}" if status >= 500 or status in _RETRIED_STATUS else ""
+                message = (
+                    f"{where} answered HTTP {status}{retried}: {server_message(exc)} "
+                    f"({_STATUS_HINTS.get(status, 'check the server log')})"
+                )
+            elif isinstance(exc, httpx.TimeoutException):  # a stream stalled
+                message = (
+                    f"{where} sent nothing for {self.timeout:g} s after {tokens or 0} tokens "
+                    "(the answer so far is incomplete; ask again, or raise llm.request_timeout)"
+                )
+            elif isinstance(exc, openai.APIError):  # an error event inside the stream
+                message = (
+                    f"{where} stopped the stream after {tokens or 0} tokens: {reason(exc)} "
+                    "(the answer so far is incomplete; check the server log and ask again)"
+                )
+            else:  # httpx.RemoteProtocolError, ReadError ...: the connection went away
+                message = (
+                    f"{where} closed the stream after {tokens or 0} tokens: {reason(exc)} "
+                    "(the answer so far is incomplete; ask again once the server is back)"
+                )
         key = self.api_key or ""
         if key and key != "EMPTY":
             message = message.replace(key, "***")
@@ -183,40 +170,6 @@ _STATUS_HINTS = {
     404: "check llm.model: the server's --served-model-name; and that llm.api_base ends in /v1",
     429: "the server is overloaded: ask again later",
 }
-
-
-def _reason(exc: BaseException) -> str:
-    """Why a request failed, in a few words: the system error under the library's
-    ("connection refused"), else the root cause's first line."""
-    chain: list[BaseException] = []
-    cause: BaseException | None = exc
-    while cause is not None and cause not in chain and len(chain) < 10:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    errnos = [e.errno for e in chain if isinstance(e, OSError) and e.errno and e.errno > 0]
-    if errnos:
-        text = os.strerror(errnos[0])
-    else:
-        root = next((e for e in reversed(chain) if str(e).strip()), exc)
-        text = re.sub(r"^\[Errno -?\d+\]\s*", "", first_line(root)).rstrip(".")
-    return text[:1].lower() + text[1:]
-
-
-def _dropped(exc: openai.APIConnectionError) -> bool:
-    """Whether the server was reached but the connection went away before the answer."""
-    cause = exc.__cause__
-    return isinstance(cause, httpx.HTTPError) and not isinstance(cause, httpx.ConnectError)
-
-
-def _server_message(exc: openai.APIStatusError) -> str:
-    """The server's own message (vLLM: ``{"error": {"message": ...}}``), on one line."""
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        text = error.get("message") if isinstance(error, dict) else error
-        if isinstance(text, str) and text.strip():
-            return " ".join(text.split())
-    return first_line(exc)
 
 
 def build_server(cfg: RagConfig) -> VllmServerLLM:
