@@ -107,6 +107,25 @@ def test_chunks_longer_than_the_model_reads_are_split_further_with_a_warning(
     assert "longer than the embedding model's" in caplog.text
 
 
+def test_text_denser_in_tokens_than_its_average_is_split_until_every_piece_fits(
+    small_cfg, tmp_path
+):
+    """Pieces are sized in characters from the chunk's average characters per token; where
+    a part is denser (numbers, code), a piece can still hold too many tokens: it is split
+    again, since the model (or an embedding server, which refuses it) reads only ``limit``."""
+
+    def count(text: str) -> int:  # a digit costs a token more than its share of 4 characters
+        return len(text) // 4 + sum(ch.isdigit() for ch in text)
+
+    limit = 60
+    small_cfg.chunking.chunk_size, small_cfg.chunking.chunk_overlap = 4000, 0
+    text = "lorem ipsum dolor sit amet " * 80 + "7 77 777 " * 60  # sparse, then dense
+    page = read(tmp_path, "mixed.txt", text)
+    chunks = chunk_documents(small_cfg, [page], (count, limit))
+    assert max(count(chunk.get_content()) for chunk in chunks) <= limit
+    assert " ".join(chunk.get_content() for chunk in chunks).split() == text.split()
+
+
 def test_token_splitter_sizes_chunks_in_model_tokens(small_cfg, embed_model, tmp_path):
     small_cfg.chunking.splitter = "token"
     small_cfg.chunking.chunk_size, small_cfg.chunking.chunk_overlap = 64, 8

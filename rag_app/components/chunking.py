@@ -79,10 +79,8 @@ def _fit_to_model(
             fitted.append(node)
             continue
         too_long += 1
-        size = max(32, int(len(text) * limit / n_tokens * 0.9))
-        pieces = SentenceSplitter(chunk_size=size, chunk_overlap=0, tokenizer=list).split_text(text)
         start = getattr(node, "start_char_idx", None) or 0
-        for piece in pieces:
+        for piece in _pieces_that_fit(text, n_tokens, count, limit):
             offset = text.find(piece)
             fitted.append(
                 TextNode(
@@ -101,6 +99,25 @@ def _fit_to_model(
             model_limit,
         )
     return fitted
+
+
+def _pieces_that_fit(
+    text: str, n_tokens: int, count: Callable[[str], int], limit: int
+) -> list[str]:
+    """``text`` split into pieces of at most ``limit`` tokens (down to 32 characters). Sizes
+    are guessed in characters from the text's own characters per token, so a piece that
+    still has too many tokens (denser text than the average) is split again."""
+    size = max(32, int(len(text) * limit / max(n_tokens, 1) * 0.9))
+    pieces: list[str] = []
+    for piece in SentenceSplitter(chunk_size=size, chunk_overlap=0, tokenizer=list).split_text(
+        text
+    ):
+        tokens = count(piece)
+        if tokens <= limit or size <= 32 or len(piece) >= len(text):
+            pieces.append(piece)
+        else:
+            pieces.extend(_pieces_that_fit(piece, tokens, count, limit))
+    return pieces
 
 
 def _sections(document: Document) -> tuple[list[int], list[str]]:
