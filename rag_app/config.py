@@ -108,7 +108,23 @@ class MilvusSettings(_Section):
         return not self.uri.startswith(_SERVER_SCHEMES)
 
 
-class EmbeddingSettings(_Section):
+class _ServerSection(_Section):
+    """A section with a server's ``api_base`` and ``api_key`` (the LLM's, the embedding's)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_api_base(cls, data: Any) -> Any:
+        """Credentials in ``api_base`` (``https://user:key@host/v1``) become ``api_key`` unless
+        one is set: the openai client logs its base URL, so none may hold a secret."""
+        return _credentials_to_secret(data, "api_base", "api_key")
+
+    @field_validator("api_base", check_fields=False)
+    @classmethod
+    def _api_base_without_credentials(cls, url: str) -> str:
+        return split_uri_credentials(url)[0]
+
+
+class EmbeddingSettings(_ServerSection):
     model: str = "BAAI/bge-large-en-v1.5"
     query_instruction: str = "Represent this sentence for searching relevant passages: "
     text_instruction: str = ""
@@ -139,17 +155,6 @@ class EmbeddingSettings(_Section):
     # Server mode: extra fields of each request, e.g. vLLM's {truncate_prompt_tokens = -1}
     # (truncate a long question to the model's limit, as in-process embedding does).
     extra_body: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _key_from_api_base(cls, data: Any) -> Any:
-        """Credentials in ``api_base`` become ``api_key`` (see ``LLMSettings``)."""
-        return _credentials_to_secret(data, "api_base", "api_key")
-
-    @field_validator("api_base")
-    @classmethod
-    def _api_base_without_credentials(cls, url: str) -> str:
-        return split_uri_credentials(url)[0]
 
     @model_validator(mode="after")
     def _server_needs_api_base(self) -> EmbeddingSettings:
@@ -244,7 +249,7 @@ class RetrievalSettings(_Section):
         return self
 
 
-class LLMSettings(_Section):
+class LLMSettings(_ServerSection):
     mode: Literal["local", "server"] = "local"
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
     # The tokenizer prompts are packed with (a hub id or folder); "" = llm.model's. Set it in
@@ -265,18 +270,6 @@ class LLMSettings(_Section):
     max_retries: int = Field(2, ge=0, le=10)
     engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"gpu_memory_utilization": 0.85})
     env: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _key_from_api_base(cls, data: Any) -> Any:
-        """Credentials in ``api_base`` (``https://user:key@host/v1``) become ``api_key`` unless
-        one is set: the openai client logs its base URL, so none may hold a secret."""
-        return _credentials_to_secret(data, "api_base", "api_key")
-
-    @field_validator("api_base")
-    @classmethod
-    def _api_base_without_credentials(cls, url: str) -> str:
-        return split_uri_credentials(url)[0]
 
     @model_validator(mode="after")
     def _answer_fits(self) -> LLMSettings:

@@ -689,3 +689,24 @@ def rag_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def embedding_calls():
+    """Counts embedding calls (LlamaIndex instrumentation events) while a test runs: how a
+    test sees that a sync embedded nothing."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.embedding import EmbeddingStartEvent
+
+    class EmbeddingCalls(BaseEventHandler):
+        calls: int = 0
+
+        def handle(self, event, **kwargs) -> None:
+            if isinstance(event, EmbeddingStartEvent):
+                self.calls += 1
+
+    counter = EmbeddingCalls()
+    get_dispatcher().add_event_handler(counter)
+    yield counter
+    get_dispatcher().event_handlers.remove(counter)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from conftest import PROFILE, contents
-from test_ingest_sync import EmbeddingCalls, write_docs
+from test_ingest_sync import write_docs
 
 from rag_app import build_vector_store, ingest_path
 
@@ -23,16 +23,6 @@ PAGES = {
     "guide/drafts/c.md": "# Charlie\nCharlie is a draft about consistency levels.\n",
     "notes.txt": "Delta is a plain text note about compaction.\n",
 }
-
-
-@pytest.fixture
-def embedding_calls():
-    from llama_index.core.instrumentation import get_dispatcher
-
-    counter = EmbeddingCalls()
-    get_dispatcher().add_event_handler(counter)
-    yield counter
-    get_dispatcher().event_handlers.remove(counter)
 
 
 def doc_ids(store) -> set[str]:

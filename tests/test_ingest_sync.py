@@ -13,30 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import PROFILE, contents, fresh_contents
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events.embedding import EmbeddingStartEvent
 from pymilvus import MilvusClient
 
 from rag_app import build_vector_store, ingest_path
 
 pytestmark = pytest.mark.slow
-
-
-class EmbeddingCalls(BaseEventHandler):
-    calls: int = 0
-
-    def handle(self, event, **kwargs) -> None:
-        if isinstance(event, EmbeddingStartEvent):
-            self.calls += 1
-
-
-@pytest.fixture
-def embedding_calls():
-    counter = EmbeddingCalls()
-    get_dispatcher().add_event_handler(counter)
-    yield counter
-    get_dispatcher().event_handlers.remove(counter)
 
 
 def write_docs(folder: Path, pages: dict[str, str]) -> None:
