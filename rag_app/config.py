@@ -135,6 +135,12 @@ class EmbeddingSettings(_ServerSection):
     # beside the model or in ~/.cache/rag_app/onnx). See docs/configuration.md and
     # scripts/bench_ingest.py for the speed and retrieval-quality figures.
     precision: Literal["fp32", "bf16", "int8"] = "bf16"
+    # How fp32/bf16 models embed a question on CPU: "onnx" = the model's fp32 ONNX export
+    # (made once beside it, like int8's) in ONNX Runtime, ~3 ms where torch takes ~13-20 ms
+    # for one short question here; "torch" = sentence-transformers; "auto" = onnx on CPU
+    # when onnxruntime is installed (falling back to torch, with a warning, if the export
+    # fails), torch on a GPU. Documents are embedded by `precision` either way.
+    query_runtime: Literal["auto", "torch", "onnx"] = "auto"
     # "server": vectors from an OpenAI-compatible /v1/embeddings endpoint (vLLM's pooling
     # runner, Infinity, TEI) at api_base; embedding.model is then the served model name,
     # which is also the identity stored with the collection (its last path part), so a

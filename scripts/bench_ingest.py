@@ -1,6 +1,6 @@
 """Ingestion benchmark: rag_app's ingest against bare forward passes and naive LlamaIndex.
 
-    .venv/bin/python scripts/bench_ingest.py [--corpus DIR] [--qa eval/milvus-docs/dev.jsonl]
+    .venv/bin/python scripts/bench_ingest.py [--corpus DIR] [--qa eval/milvus-docs/test.jsonl]
         [--limit N]
 
 Measured in one run, on the same chunks and the same embedding model (configs/cpu-small.toml):
@@ -209,7 +209,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", type=Path, default=REPO.parent / "shared/corpora/milvus-docs")
     parser.add_argument("--config", type=Path, default=REPO / "configs/cpu-small.toml")
-    parser.add_argument("--qa", type=Path, default=REPO / "eval/milvus-docs/dev.jsonl")
+    parser.add_argument("--qa", type=Path, default=REPO / "eval/milvus-docs/test.jsonl")
     parser.add_argument("--limit", type=int, help="only the first N files (a quick run)")
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")

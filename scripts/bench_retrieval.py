@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf"},
     "hybrid-w0.5": {"mode": "hybrid", "fusion": "weighted", "dense_weight": 0.5},
     "hybrid-w0.7": {"mode": "hybrid", "fusion": "weighted", "dense_weight": 0.7},
+    "hybrid-w0.85": {"mode": "hybrid", "fusion": "weighted", "dense_weight": 0.85},
 }
 
 
@@ -190,7 +191,7 @@ def latency_budget(cfg, embed_model, questions: Sequence[str], k: int) -> str:
     lines = ["", f"latency budget, {len(questions)} questions (p50 / p95 ms)", "",
              "| mode | query embedding | Milvus call | LlamaIndex search wrapper | "
              "postprocessors | retrieve (whole) |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("dense", "hybrid-rrf", "hybrid-w0.5"):
+    for name in ("dense", "hybrid-rrf", "hybrid-w0.7"):
         variant = cfg.model_copy(deep=True)
         for key, value in VARIANTS[name].items():
             setattr(variant.retrieval, key, value)

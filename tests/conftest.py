@@ -49,6 +49,19 @@ SLICE = [
     "reference/reranking.md",
 ]
 HNSW_QUESTION = "What do the parameters for HNSW mean?"
+MINILM = REPO / ".models" / "all-MiniLM-L6-v2"
+
+
+def model_copy(folder: Path) -> Path:
+    """A copy of MiniLM's folder (links to its files) without its ONNX exports: a test that
+    exports makes its own files and never writes into the shared ``.models/``."""
+    folder.mkdir(parents=True)
+    for entry in MINILM.iterdir():
+        if entry.name != "onnx":
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 # Control tokens of several chat templates, SmolLM2's own (ChatML and its added tokens) among
 # them: for a document's text, title and file name that try to open turns of their own.
 POISON = (

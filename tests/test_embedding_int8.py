@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORPUS, HNSW_QUESTION, PROFILE, REPO, SLICE
+from conftest import CORPUS, HNSW_QUESTION, MINILM, PROFILE, SLICE, model_copy
 
 from rag_app import RagAppError, load_config
 from rag_app.config import RagConfig
 
-MINILM = REPO / ".models" / "all-MiniLM-L6-v2"
 # Measured against fp32 (docs/configuration.md): on 512 chunks of the Milvus docs, min 0.984,
 # 1st percentile 0.986, median 0.993; on this test's slice, min 0.979 (bf16: 0.9999).
 # Dynamic quantization scales activations per batch, so a chunk's vector depends a little on
@@ -33,14 +32,6 @@ QUERIES = [
     "How are search results from several vector fields reranked?",
     "What is memory mapping used for?",
 ]
-
-
-def _model_copy(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for entry in MINILM.iterdir():
-        if entry.name != "onnx":
-            (folder / entry.name).symlink_to(entry)
-    return folder
 
 
 def _cfg(model: Path, precision: str, **embedding: object) -> RagConfig:
@@ -99,7 +90,7 @@ def test_a_model_folder_that_cannot_be_written_exports_to_rag_apps_cache(tmp_pat
     from rag_app.components.embedding import onnx
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    model = _model_copy(tmp_path / "all-MiniLM-L6-v2")  # no export beside it yet
+    model = model_copy(tmp_path / "all-MiniLM-L6-v2")  # no export beside it yet
     assert onnx.int8_model_path(model).parent == model.resolve() / "onnx"
     monkeypatch.setattr(onnx, "_writable", lambda folder: False)  # the fault: read-only
     path = onnx.int8_model_path(model)
@@ -112,7 +103,7 @@ def test_a_model_folder_that_cannot_be_written_exports_to_rag_apps_cache(tmp_pat
 
 @pytest.fixture(scope="module")
 def int8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _model_copy(tmp_path_factory.mktemp("int8") / "all-MiniLM-L6-v2")
+    return model_copy(tmp_path_factory.mktemp("int8") / "all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +209,7 @@ def test_an_interrupted_export_leaves_no_model_and_the_next_build_exports(tmp_pa
     from rag_app.components.embedding import build_embed_model
     from rag_app.components.embedding.onnx import INT8_FILE
 
-    folder = _model_copy(tmp_path / "all-MiniLM-L6-v2")
+    folder = model_copy(tmp_path / "all-MiniLM-L6-v2")
 
     def killed(model_input, model_output, **kwargs):  # the fault: dies mid-write
         Path(model_output).write_bytes(b"half a model")
@@ -239,7 +230,7 @@ def test_a_stale_export_is_made_again(tmp_path):
     from rag_app.components.embedding import build_embed_model
     from rag_app.components.embedding.onnx import INT8_FILE
 
-    folder = _model_copy(tmp_path / "all-MiniLM-L6-v2")
+    folder = model_copy(tmp_path / "all-MiniLM-L6-v2")
     build_embed_model(_cfg(folder, "int8"))
     stamp = folder / "onnx" / INT8_FILE
     stamp = stamp.with_suffix(".json")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import HNSW_QUESTION, REPO
 from llama_index.core.schema import TextNode
@@ -55,9 +56,12 @@ def test_query_instruction_goes_on_queries_only(small_cfg):
     cfg.embedding.query_instruction = "Represent this sentence for searching relevant passages: "
     model = build_embed_model(cfg)
     question = "what is HNSW"
-    with_prefix = model.get_text_embedding(cfg.embedding.query_instruction + question)
-    assert model.get_query_embedding(question) == pytest.approx(with_prefix, abs=1e-5)
-    assert model.get_text_embedding(question) != pytest.approx(with_prefix, abs=1e-3)
+    query = np.array(model.get_query_embedding(question))
+    with_prefix = np.array(model.get_text_embedding(cfg.embedding.query_instruction + question))
+    bare = np.array(model.get_text_embedding(question))
+    # Queries run through the fp32 ONNX graph, texts through torch in bf16: equal up to bf16.
+    assert float(query @ with_prefix) > 0.9999
+    assert float(query @ bare) < 0.99
 
 
 def test_bf16_embeddings_are_unit_vectors_pointing_where_fp32_ones_do(small_cfg, embed_model):

@@ -10,6 +10,7 @@ when one is built: deciding that nothing needs embedding must not pay for it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -49,12 +50,13 @@ def build_embed_model(cfg: RagConfig) -> BaseEmbedding:
     if settings.precision == "int8":
         return _build_int8(cfg)
     torch = import_torch()
+    query_encoder = _query_encoder_settings(cfg)
 
     from rag_app.components.embedding.huggingface import UnitNormEmbedding
 
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
     try:
-        return UnitNormEmbedding(
+        model = UnitNormEmbedding(
             model_name=settings.model,
             # "" is kept as "": no instruction (see UnitNormEmbedding._embed), where None
             # would let HuggingFaceEmbedding put BGE's default back for BGE model ids.
@@ -72,6 +74,42 @@ def build_embed_model(cfg: RagConfig) -> BaseEmbedding:
             "(download it first, e.g. `hf download MODEL`, or point embedding.model "
             "at a local folder)"
         ) from None
+    if query_encoder is not None:
+        from rag_app.components.embedding.onnx import OnnxQueryEncoder
+
+        model.use_query_encoder(OnnxQueryEncoder, **query_encoder)
+    return model
+
+
+def _query_encoder_settings(cfg: RagConfig) -> dict[str, Any] | None:
+    """Whether queries go through the fp32 ONNX export (``embedding.query_runtime``; see
+    :mod:`rag_app.components.embedding.onnx`), decided before the model loads: the
+    arguments of its ``OnnxQueryEncoder``, or ``None`` for torch. Nothing is exported here."""
+    settings = cfg.embedding
+    if settings.query_runtime == "torch":
+        return None
+    required = settings.query_runtime == "onnx"
+    if int8_device_refusal(settings.device, _gpu_present) is not None:
+        if not required:
+            return None
+        raise RagAppError(
+            'embedding.query_runtime = "onnx" runs on CPU only, but embedding.device = '
+            f"{settings.device!r} (a GPU): set embedding.query_runtime = "
+            '"auto" or "torch"'
+        )
+    if required:
+        from rag_app.components.embedding.onnx import require_backend
+
+        require_backend()
+    elif importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        model_dir = _local_model_dir(settings.model)
+    except RagAppError:
+        if required:
+            raise
+        return None  # a hub id not downloaded yet: sentence-transformers fetches it
+    return {"model_dir": model_dir, "required": required}
 
 
 def import_torch() -> Any:

@@ -1,4 +1,6 @@
-"""``embedding.precision = "int8"``: the model as a dynamically int8-quantized ONNX graph.
+"""The model as an ONNX graph run by ONNX Runtime on CPU: dynamically int8-quantized for
+``embedding.precision = "int8"``, and in fp32 for the queries of fp32/bf16 models
+(``embedding.query_runtime``, :class:`OnnxQueryEncoder`).
 
 Why a module of its own rather than sentence-transformers' ``backend="onnx"``: that backend
 loads and exports through Optimum (``optimum-onnx``), whose releases (0.1.0, the newest)
@@ -12,8 +14,15 @@ time, no reduced range (VNNI's ``VPDPBUSD`` has no overflow to avoid). Pooling a
 query instruction follow the model folder's sentence-transformers files, so the vectors are
 those of the same model in fp32, up to quantization error.
 
-Where the int8 file lives: ``<model folder>/onnx/model_qint8_avx512_vnni.onnx``, the name
-and place sentence-transformers' hub repositories use for the same export (a model
+Why queries go through ONNX Runtime: one short question through torch's eager MiniLM took
+~13-20 ms here (per-operator overhead of ~100 small operators, each a parallel region on
+passive OpenMP threads); the same fp32 graph in ONNX Runtime takes ~3 ms. The weights are
+the model's own in fp32, so the vectors are those of the fp32 model (the bf16 model's
+documents and fp32 queries mix as bf16 and fp32 vectors always do: see bench_ingest).
+
+Where the files live: ``<model folder>/onnx/model_qint8_avx512_vnni.onnx`` (int8) and
+``onnx/model.onnx`` (fp32), the names and place sentence-transformers' hub repositories use
+for the same exports (a model
 downloaded with its ONNX files is used as it comes, and a folder copied to another machine
 takes its export along). Where that folder cannot be written (a read-only install, a model
 in the Hugging Face cache, which belongs to huggingface_hub), it goes to
@@ -31,6 +40,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INT8_FILE = "model_qint8_avx512_vnni.onnx"  # sentence-transformers' name for this export
+INT8_FILE = "model_qint8_avx512_vnni.onnx"  # sentence-transformers' names for these exports
+FP32_FILE = "model.onnx"
 EXPORT_VERSION = 2  # bump when the export recipe changes: older files are then re-exported
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -76,7 +88,7 @@ def _weights_file(model_dir: Path) -> Path:
     )
 
 
-def _source_stamp(model_dir: Path) -> dict[str, Any]:
+def _source_stamp(model_dir: Path, quantized: bool = True) -> dict[str, Any]:
     """What the export was made from: a model replaced in place is exported again."""
     weights = _weights_file(model_dir)
     stat = weights.stat()
@@ -85,7 +97,11 @@ def _source_stamp(model_dir: Path) -> dict[str, Any]:
         "weights": weights.name,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "quantization": "dynamic int8, avx512_vnni (per-channel symmetric int8 weights)",
+        "quantization": (
+            "dynamic int8, avx512_vnni (per-channel symmetric int8 weights)"
+            if quantized
+            else "none (fp32)"
+        ),
     }
 
 
@@ -104,21 +120,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rag_app"
 
 
-def int8_model_path(model_dir: Path) -> Path:
-    """Where the int8 export of ``model_dir`` is, or will be written (see the module doc)."""
+def int8_model_path(model_dir: Path, quantized: bool = True) -> Path:
+    """Where the int8 (or fp32) export of ``model_dir`` is, or will be written (see the
+    module doc)."""
+    name = INT8_FILE if quantized else FP32_FILE
     model_dir = model_dir.resolve()
-    beside = model_dir / "onnx" / INT8_FILE
+    beside = model_dir / "onnx" / name
     if beside.is_file() or _writable(beside.parent):
         return beside
     key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]
-    return cache_dir() / "onnx" / f"{model_dir.name}-{key}" / INT8_FILE
+    return cache_dir() / "onnx" / f"{model_dir.name}-{key}" / name
 
 
 def _stamp_path(onnx_path: Path) -> Path:
     return onnx_path.with_suffix(".json")
 
 
-def is_current(onnx_path: Path, model_dir: Path) -> bool:
+def is_current(onnx_path: Path, model_dir: Path, quantized: bool = True) -> bool:
     """An export that can be used: present, and made from these weights by this recipe.
 
     A file without rag_app's stamp beside it came with the model (sentence-transformers'
@@ -130,21 +148,23 @@ def is_current(onnx_path: Path, model_dir: Path) -> bool:
     if not stamp.is_file():
         return True
     try:
-        return bool(json.loads(stamp.read_text()) == _source_stamp(model_dir))
+        return bool(json.loads(stamp.read_text()) == _source_stamp(model_dir, quantized))
     except (OSError, ValueError):
         return False
 
 
-def ensure_int8_model(model_dir: Path) -> Path:
-    """The int8 ONNX file of ``model_dir``, exported first if there is none (or a stale one)."""
-    target = int8_model_path(model_dir)
-    if not is_current(target, model_dir):
-        export_int8(model_dir, target)
+def ensure_int8_model(model_dir: Path, quantized: bool = True) -> Path:
+    """The int8 (or fp32) ONNX file of ``model_dir``, exported first if there is none (or a
+    stale one)."""
+    target = int8_model_path(model_dir, quantized)
+    if not is_current(target, model_dir, quantized):
+        export_int8(model_dir, target, quantized)
     return target
 
 
-def export_int8(model_dir: Path, target: Path) -> None:
-    """Export ``model_dir``'s transformer to ONNX (fp32) and quantize it dynamically to int8.
+def export_int8(model_dir: Path, target: Path, quantized: bool = True) -> None:
+    """Export ``model_dir``'s transformer to ONNX (fp32) and, unless ``quantized`` is false,
+    quantize it dynamically to int8.
 
     Both files are made in a temporary folder beside ``target`` and the result is renamed
     into place: a reader sees the old file, or none, or the whole new one.
@@ -153,9 +173,10 @@ def export_int8(model_dir: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModel, AutoTokenizer
 
-    stamp = _source_stamp(model_dir)
+    stamp = _source_stamp(model_dir, quantized)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("exporting %s to int8 ONNX at %s (once)", model_dir, target)
+    kind = "int8" if quantized else "fp32"
+    log.warning("exporting %s to %s ONNX at %s (once)", model_dir, kind, target)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as work:
         fp32, int8 = Path(work) / "model.onnx", Path(work) / INT8_FILE
         # Eager attention traces to the plain MatMul/Softmax graph that ONNX Runtime fuses
@@ -180,7 +201,9 @@ def export_int8(model_dir: Path, target: Path) -> None:
                 return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state  # type: ignore[no-any-return]
 
         axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer's warnings (shape-dependent branches) say nothing to a user.
+            warnings.simplefilter("ignore")
             # The TorchScript exporter: the dynamo one needs onnxscript, not in the stack.
             torch.onnx.export(
                 _LastHiddenState(),
@@ -192,6 +215,10 @@ def export_int8(model_dir: Path, target: Path) -> None:
                 opset_version=17,
                 dynamo=False,
             )
+        if not quantized:
+            os.replace(fp32, target)
+            _write_atomically(_stamp_path(target), json.dumps(stamp, indent=2) + "\n")
+            return
         quantize_dynamic(
             str(fp32),
             str(int8),
@@ -344,3 +371,53 @@ class OnnxInt8Embedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+class OnnxQueryEncoder:
+    """Queries of an fp32/bf16 model through the model's fp32 ONNX export (see the module
+    doc for why), made and loaded at the first query, not when the model is built: an
+    ingest embeds no query and never pays for it.
+
+    ``required`` is ``embedding.query_runtime = "onnx"``: a failure to export or load is
+    then an error; under ``"auto"`` it is logged once and :meth:`embed` returns ``None``,
+    so the caller embeds the query with torch.
+    """
+
+    def __init__(self, model_dir: Path, instruction: str, required: bool) -> None:
+        self.model_dir = model_dir
+        self.instruction = instruction
+        self.required = required
+        self._model: OnnxSentenceModel | None = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def _load(self) -> OnnxSentenceModel | None:
+        with self._lock:
+            if self._model is None and not self._failed:
+                try:
+                    require_backend()
+                    path = ensure_int8_model(self.model_dir, quantized=False)
+                    self._model = OnnxSentenceModel(self.model_dir, path)
+                except (RagAppError, OSError, RuntimeError, ValueError) as exc:
+                    if self.required:
+                        raise RagAppError(
+                            f"cannot prepare the ONNX query model of {self.model_dir}: "
+                            f'{first_line(exc)} (set embedding.query_runtime = "torch")'
+                        ) from None
+                    self._failed = True
+                    log.warning(
+                        "queries are embedded with torch: no ONNX query model (%s)",
+                        first_line(exc),
+                    )
+            return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def embed(self, query: str) -> list[float] | None:
+        """The query's unit vector, or ``None`` where the ONNX model is not to be had."""
+        model = self._load()
+        if model is None:
+            return None
+        return model.encode([self.instruction + query], batch_size=1)[0].tolist()  # type: ignore[no-any-return]
