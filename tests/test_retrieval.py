@@ -172,3 +172,28 @@ def test_a_missing_reranker_model_is_a_one_line_error(session_cfg, tmp_path):
     )
     with pytest.raises(RagAppError, match=r"cannot load reranker .*no-such-reranker"):
         build_postprocessors(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mmr", [False, True])
+def test_a_search_returns_the_node_not_its_vectors_and_the_node_keeps_its_metadata(
+    session_cfg, session_index, monkeypatch, mmr
+):
+    client = session_index.vector_store.client
+    returned: list[set[str]] = []
+    search = client.search
+
+    def recorded(*args, **kwargs):  # the real search; what it returned is kept
+        hits = search(*args, **kwargs)
+        returned.extend(set(hit["entity"]) for hit in hits[0])
+        return hits
+
+    monkeypatch.setattr(client, "search", recorded)
+    cfg = with_retrieval(session_cfg, mode="dense", mmr=mmr, dedupe=False)
+    found = build_retriever(cfg, session_index, top_k=3).retrieve(HNSW_QUESTION)
+    assert found and returned
+    expected = {"_node_content", "_node_type", "text"} | ({"embedding"} if mmr else set())
+    assert all(fields == expected for fields in returned), returned[0]
+    for hit in found:
+        assert {"source", "title", "section"} <= set(hit.node.metadata)
+        assert hit.node.get_content()
