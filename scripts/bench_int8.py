@@ -69,7 +69,7 @@ def measure(label: str, folder: Path, args: argparse.Namespace) -> tuple[float, 
     from transformers import AutoModel
 
     from rag_app.components.embedding import import_torch
-    from rag_app.components.embedding.onnx import ensure_int8_model
+    from rag_app.components.embedding.onnx import ensure_onnx_model
 
     import_torch()
     ids = torch.randint(1000, 20000, (args.batch_size, args.tokens))
@@ -81,7 +81,7 @@ def measure(label: str, folder: Path, args: argparse.Namespace) -> tuple[float, 
             model(input_ids=ids, attention_mask=mask)
 
     bf16_rate = rate(bf16, args.batches, args.batch_size)
-    path = ensure_int8_model(folder)
+    path = ensure_onnx_model(folder, quantized=True)
     options = ort.SessionOptions()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),

@@ -91,9 +91,9 @@ def test_a_model_folder_that_cannot_be_written_exports_to_rag_apps_cache(tmp_pat
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = model_copy(tmp_path / "all-MiniLM-L6-v2")  # no export beside it yet
-    assert onnx.int8_model_path(model).parent == model.resolve() / "onnx"
+    assert onnx.onnx_model_path(model).parent == model.resolve() / "onnx"
     monkeypatch.setattr(onnx, "_writable", lambda folder: False)  # the fault: read-only
-    path = onnx.int8_model_path(model)
+    path = onnx.onnx_model_path(model)
     assert path.is_relative_to(tmp_path / "cache" / "rag_app" / "onnx")
     assert path.name == onnx.INT8_FILE and path.parent.name.startswith("all-MiniLM-L6-v2-")
 

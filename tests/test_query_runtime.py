@@ -97,7 +97,7 @@ def test_texts_never_export_and_the_first_question_does(folder, caplog):
     model.get_text_embedding_batch(["HNSW builds a graph.", "Partitions split data."])
     assert not (folder / "onnx" / FP32_FILE).exists()  # an ingest embeds no question
     assert model.query_runtime == "torch"
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         model.get_query_embedding(HNSW_QUESTION)
     assert (folder / "onnx" / FP32_FILE).is_file() and model.query_runtime == "onnx"
     assert "exporting" in caplog.text and "fp32 ONNX" in caplog.text
@@ -146,7 +146,7 @@ def test_auto_falls_back_to_torch_where_the_export_fails(tmp_path, monkeypatch, 
     def refused(*args, **kwargs):  # the fault: the export cannot be written
         raise OSError("[Errno 28] No space left on device")
 
-    monkeypatch.setattr(onnx, "ensure_int8_model", refused)
+    monkeypatch.setattr(onnx, "ensure_onnx_model", refused)
     auto = build_embed_model(_cfg(copy, precision="fp32"))
     with caplog.at_level("WARNING"):
         vector = auto.get_query_embedding(HNSW_QUESTION)

@@ -120,7 +120,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rag_app"
 
 
-def int8_model_path(model_dir: Path, quantized: bool = True) -> Path:
+def onnx_model_path(model_dir: Path, quantized: bool = True) -> Path:
     """Where the int8 (or fp32) export of ``model_dir`` is, or will be written (see the
     module doc)."""
     name = INT8_FILE if quantized else FP32_FILE
@@ -153,16 +153,16 @@ def is_current(onnx_path: Path, model_dir: Path, quantized: bool = True) -> bool
         return False
 
 
-def ensure_int8_model(model_dir: Path, quantized: bool = True) -> Path:
+def ensure_onnx_model(model_dir: Path, quantized: bool = True) -> Path:
     """The int8 (or fp32) ONNX file of ``model_dir``, exported first if there is none (or a
     stale one)."""
-    target = int8_model_path(model_dir, quantized)
+    target = onnx_model_path(model_dir, quantized)
     if not is_current(target, model_dir, quantized):
-        export_int8(model_dir, target, quantized)
+        export_onnx(model_dir, target, quantized)
     return target
 
 
-def export_int8(model_dir: Path, target: Path, quantized: bool = True) -> None:
+def export_onnx(model_dir: Path, target: Path, quantized: bool = True) -> None:
     """Export ``model_dir``'s transformer to ONNX (fp32) and, unless ``quantized`` is false,
     quantize it dynamically to int8.
 
@@ -176,7 +176,14 @@ def export_int8(model_dir: Path, target: Path, quantized: bool = True) -> None:
     stamp = _source_stamp(model_dir, quantized)
     target.parent.mkdir(parents=True, exist_ok=True)
     kind = "int8" if quantized else "fp32"
-    log.warning("exporting %s to %s ONNX at %s (once)", model_dir, kind, target)
+    # int8 takes a while and changes the vectors: said; the fp32 query graph (~2 s) is not.
+    log.log(
+        logging.WARNING if quantized else logging.INFO,
+        "exporting %s to %s ONNX at %s (once)",
+        model_dir,
+        kind,
+        target,
+    )
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as work:
         fp32, int8 = Path(work) / "model.onnx", Path(work) / INT8_FILE
         # Eager attention traces to the plain MatMul/Softmax graph that ONNX Runtime fuses
@@ -336,7 +343,7 @@ class OnnxInt8Embedding(BaseEmbedding):
     def __init__(self, model_dir: Path, **kwargs: Any) -> None:
         require_backend()
         try:
-            onnx_path = ensure_int8_model(model_dir)
+            onnx_path = ensure_onnx_model(model_dir, quantized=True)
             model = OnnxSentenceModel(model_dir, onnx_path)
         except (OSError, RuntimeError, ValueError) as exc:
             raise RagAppError(
@@ -396,7 +403,7 @@ class OnnxQueryEncoder:
             if self._model is None and not self._failed:
                 try:
                     require_backend()
-                    path = ensure_int8_model(self.model_dir, quantized=False)
+                    path = ensure_onnx_model(self.model_dir, quantized=False)
                     self._model = OnnxSentenceModel(self.model_dir, path)
                 except (RagAppError, OSError, RuntimeError, ValueError) as exc:
                     if self.required:
