@@ -399,6 +399,8 @@ class OnnxQueryEncoder:
         self._lock = threading.Lock()
 
     def _load(self) -> OnnxSentenceModel | None:
+        if self._model is not None or self._failed:
+            return self._model  # every question after the first: no lock on the hot path
         with self._lock:
             if self._model is None and not self._failed:
                 try:
