@@ -1,6 +1,6 @@
 """Guard of rag_app/compat/milvus_lite.py, which patches milvus-lite's private BM25 search:
 it fails when milvus-lite changes, so the patch is checked (and dropped once upstream scores
-with collection-wide statistics itself)."""
+with collection-wide statistics itself), and its NumPy scorer is compared with Lite's own."""
 
 from __future__ import annotations
 
@@ -68,3 +68,71 @@ def test_bm25_score_does_not_depend_on_where_a_row_is_stored(tmp_path):
     client.flush("apart")
     assert scores(client, "apart") == pytest.approx(expected)
     client.close()
+
+
+def random_index(seed: int, rows: int = 300, vocabulary: int = 40) -> tuple[object, list]:
+    """A Lite BM25 index over random term counts: common and rare terms, empty rows, and
+    rows with equal counts and lengths (tied scores)."""
+    import random
+
+    from milvus_lite.index.sparse_inverted import SparseInvertedIndex
+
+    rng = random.Random(seed)
+    vectors: list[dict[int, float]] = []
+    for _ in range(rows):
+        if rng.random() < 0.05:
+            vectors.append({})
+            continue
+        terms = rng.sample(range(vocabulary), rng.randint(1, 8))
+        vectors.append({t: float(rng.choice([1, 1, 1, 2, 3, 7])) for t in terms})
+    vectors += [{3: 2.0, 5: 1.0}] * 4  # identical rows: equal scores, ordered by row
+    index = SparseInvertedIndex()
+    index.build(vectors)
+    return index, vectors
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_bm25_top_k_ranks_exactly_as_milvus_lite_does(seed):
+    """The NumPy scorer replaces Lite's per-posting Python loop: same ids, same float32
+    scores, same order of ties, with and without a row mask and collection-wide statistics."""
+    import random
+
+    import numpy as np
+    from milvus_lite.index.sparse_inverted import SparseInvertedIndex
+
+    assert milvus_lite.install()
+    lite_search = SparseInvertedIndex.search.__wrapped__
+    index, vectors = random_index(seed)
+    rng = random.Random(seed)
+    queries = [{t: 1.0 for t in rng.sample(range(45), rng.randint(1, 6))} for _ in range(30)]
+    queries += [{}, {999: 1.0}, {3: 1.0, 5: 1.0}, {7: 0.5, 11: 2.0}]  # empty, unknown, ties
+    mask = np.array([rng.random() < 0.7 for _ in vectors])
+    own = milvus_lite.CorpusStatistics(index.doc_count, index.avgdl, index._df)
+    # A collection three times this segment's size: Lite scores it with these swapped in.
+    wider = milvus_lite.CorpusStatistics(
+        index.doc_count * 3, index.avgdl * 1.3, {t: 3 * index._df.get(t, 0) + 1 for t in range(45)}
+    )
+    swapped = random_index(seed)[0]
+    swapped.doc_count, swapped.avgdl = wider.rows, wider.average_length
+    swapped._df = wider.document_frequency
+    for top_k in (0, 5, 50, 1000):
+        for valid in (None, mask):
+            for stats, lite_index in ((own, index), (wider, swapped)):
+                ids, distances = milvus_lite.bm25_top_k(index, queries, top_k, valid, stats)
+                want_ids, want_distances = lite_search(lite_index, queries, top_k, valid)
+                assert ids.tolist() == want_ids.tolist()
+                assert distances.tolist() == want_distances.tolist()
+    tied = milvus_lite.bm25_top_k(index, [{3: 1.0, 5: 1.0}], 1000, None, own)[0][0].tolist()
+    last = len(vectors) - 4
+    assert [row for row in tied if row >= last] == [last, last + 1, last + 2, last + 3]
+
+
+def test_bm25_top_k_reuses_posting_arrays_until_the_index_is_rebuilt():
+    index, vectors = random_index(4)
+    stats = milvus_lite.CorpusStatistics(index.doc_count, index.avgdl, index._df)
+    milvus_lite.bm25_top_k(index, [{3: 1.0}], 5, None, stats)
+    first = milvus_lite._postings(index, 3)
+    assert milvus_lite._postings(index, 3) is first
+    index.build(vectors[:10])
+    rebuilt = milvus_lite._postings(index, 3)
+    assert rebuilt is not first and all(row < 10 for row in (rebuilt or ([], []))[0])
