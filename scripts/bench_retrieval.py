@@ -182,7 +182,7 @@ def rag_app_runs(cfg, embed_model, label: str, questions: Sequence[str], k: int,
 
 
 def latency_budget(cfg, embed_model, questions: Sequence[str], k: int) -> str:
-    """Where one retrieve call's time goes, per stage (p50 / p95 ms), dense and hybrid."""
+    """Where one retrieve call's time goes, per stage (p50 / p95 ms), per mode."""
     from llama_index.core.schema import QueryBundle
 
     from rag_app import build_index, build_vector_store
@@ -191,7 +191,7 @@ def latency_budget(cfg, embed_model, questions: Sequence[str], k: int) -> str:
     lines = ["", f"latency budget, {len(questions)} questions (p50 / p95 ms)", "",
              "| mode | query embedding | Milvus call | LlamaIndex search wrapper | "
              "postprocessors | retrieve (whole) |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("dense", "hybrid-rrf", "hybrid-w0.7"):
+    for name in ("dense", "sparse", "hybrid-rrf", "hybrid-w0.7"):
         variant = cfg.model_copy(deep=True)
         for key, value in VARIANTS[name].items():
             setattr(variant.retrieval, key, value)
@@ -273,6 +273,14 @@ def table(title: str, items: Sequence[Any], runs: Sequence[Run], k: int) -> str:
     return "\n".join(lines)
 
 
+def quiet_logs() -> None:
+    """Warnings only, without the chunk-length ones and Lite's gRPC noise."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("rag_app").setLevel(logging.ERROR)  # the chunk-length warnings
+    logging.getLogger("llama_index.core.readers.file.base").setLevel(logging.ERROR)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # Lite's AllocTimestamp
+
+
 def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for pair in pairs:
@@ -301,10 +309,7 @@ def main() -> int:
                         help="print where a retrieve call's time goes, per stage")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the rankings as JSON here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("rag_app").setLevel(logging.ERROR)  # the chunk-length warnings
-    logging.getLogger("llama_index.core.readers.file.base").setLevel(logging.ERROR)
-    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)  # Lite's AllocTimestamp
+    quiet_logs()
 
     from rag_app import load_config
     from rag_app.pipelines.evaluate import load_qa

@@ -1,5 +1,6 @@
 """scripts/bench_retrieval.py builds the naive LlamaIndex baseline beside rag_app's rows and
-prints them in one table (slow tier: MiniLM, Milvus Lite, a slice of the Milvus docs)."""
+prints them in one table; scripts/sweep_fusion.py fuses as Milvus does (slow tier: MiniLM,
+Milvus Lite, a slice of the Milvus docs)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from conftest import MINILM, REPO, SLICE
 pytestmark = pytest.mark.slow
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_retrieval", REPO / "scripts" / "bench_retrieval.py"
-    )
+def _script(name: str = "bench_retrieval"):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses resolve their annotations there
+    if name != "bench_retrieval":
+        _script()  # what the other scripts import by that name
     spec.loader.exec_module(module)
     return module
 
@@ -35,7 +38,7 @@ def _slice_questions():
 
 
 def test_the_naive_baseline_and_rag_app_rows_share_one_table(corpus_slice: Path, tmp_path):
-    bench = _bench()
+    bench = _script()
     items = _slice_questions()
     questions = [item.question for item in items]
     index, source_of = bench.naive_pipeline(
@@ -69,5 +72,27 @@ def test_the_naive_baseline_and_rag_app_rows_share_one_table(corpus_slice: Path,
     budget = bench.latency_budget(cfg, embed_model, questions, 5)
     stages = [line for line in budget.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [line.split("|")[1].strip() for line in stages[1:]] == [
-        "dense", "hybrid-rrf", "hybrid-w0.7"
+        "dense", "sparse", "hybrid-rrf", "hybrid-w0.7"
     ]  # fmt: skip
+
+
+def test_the_fusion_sweep_ranks_as_milvus_hybrid_search_does(corpus_slice: Path, tmp_path):
+    """The sweep's weighted fusion of one dense and one BM25 search gives Milvus's own hybrid
+    ranking, at the default weight and another, so its figures are what Milvus would give."""
+    bench, sweep = _script(), _script("sweep_fusion")
+    questions = [item.question for item in _slice_questions()]
+    cfg, embed_model = bench.rag_app_pipeline(
+        corpus_slice, ["**/*.md"], [], str(tmp_path / "rag.db"), {}
+    )
+    for weight in (cfg.retrieval.dense_weight, 0.4):
+        cfg.retrieval.mode, cfg.retrieval.fusion, cfg.retrieval.dense_weight = (
+            "hybrid", "weighted", weight
+        )  # fmt: skip
+        hits = sweep.candidates_of(cfg, embed_model, questions, 20)
+        fuse = sweep.milvus_weighted(weight, 20)
+        for question in hits:
+            assert len(question["milvus"]) == 20
+            assert [h[0] for h in fuse(question)[:20]] == [h[0] for h in question["milvus"]]
+            assert [h[2] for h in fuse(question)[:20]] == pytest.approx(
+                [h[2] for h in question["milvus"]], abs=1e-6
+            )
