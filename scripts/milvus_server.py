@@ -55,8 +55,9 @@ KINDS = ("lite", "standalone")
 # Its gRPC server accepts pymilvus's keepalive pings (one per 10 s, even when idle), as
 # a Milvus server does; with gRPC's defaults it answers the third idle ping with GOAWAY
 # "too_many_pings", and the client's next call on that connection can fail. And its BM25
-# scores with the whole collection's statistics (rag_app/compat/milvus_lite.py, its path the
-# first argument, loaded alone: the server needs none of rag_app's heavy imports).
+# scores with the whole collection's statistics, and NumPy's BLAS runs on one thread
+# (rag_app/compat/milvus_lite.py, its path the first argument, loaded alone: the server needs
+# none of rag_app's heavy imports).
 COMPAT = Path(__file__).resolve().parent.parent / "rag_app" / "compat" / "milvus_lite.py"
 SERVE = """
 import importlib.util, signal, sys
@@ -65,6 +66,7 @@ _spec = importlib.util.spec_from_file_location("rag_app_compat_milvus_lite", sys
 _compat = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_compat)
 _compat.install()
+_compat.one_blas_thread()
 signal.signal(signal.SIGINT, signal.default_int_handler)
 _grpc_server = grpc.server
 def _server(*args, options=(), **kwargs):

@@ -136,3 +136,27 @@ def test_bm25_top_k_reuses_posting_arrays_until_the_index_is_rebuilt():
     index.build(vectors[:10])
     rebuilt = milvus_lite._postings(index, 3)
     assert rebuilt is not first and all(row < 10 for row in (rebuilt or ([], []))[0])
+
+
+@pytest.mark.slow
+def test_opening_a_lite_file_keeps_numpys_blas_to_one_thread(tmp_path):
+    """Lite's searches run in this process: OpenBLAS's threads, spinning after each, would
+    take the CPU the next question's embedding needs."""
+    import subprocess
+    import sys
+
+    script = (
+        "import threadpoolctl\n"
+        "from rag_app import load_config\n"
+        "from rag_app.components.vector_store import _connect\n"
+        "blas = lambda: [p['num_threads'] for p in threadpoolctl.threadpool_info()"
+        " if p['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        f"_connect(load_config(milvus__uri={str(tmp_path / 'm.db')!r})).close()\n"
+        "print(before, sorted(set(blas())))\n"
+    )
+    env = {"OPENBLAS_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    ).stdout.split("\n")[-2]
+    assert out == "[2] [1]", out

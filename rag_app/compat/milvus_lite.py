@@ -78,6 +78,22 @@ class _PingTolerantGrpc:
         return self._grpc.server(*args, options=[*options, *PING_OPTIONS], **kwargs)
 
 
+def one_blas_thread() -> bool:
+    """NumPy's BLAS (OpenBLAS in NumPy's wheels) on one thread in this process, where Milvus
+    Lite runs its searches. Lite's dense search is NumPy matrix-vector products, too small to
+    gain from BLAS threads; but after each, OpenBLAS's threads keep spinning for up to
+    2^28 cycles (its ``THREAD_TIMEOUT``, about 0.1 s), and on a 2-core machine that took half
+    the CPU from the question embedded next: 8.0 ms per question embedded between dense
+    searches, 5.5 ms with one BLAS thread (4.0 ms with no search in between; the 137 Milvus
+    docs questions, one run). False (nothing changed) without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return False
+    threadpool_limits(limits=1, user_api="blas")
+    return True
+
+
 def accept_keepalive_pings() -> bool:
     """Make the gRPC servers that milvus-lite starts in this process from now on accept
     pymilvus's keepalive pings. Idempotent; False (nothing changed) without milvus-lite, or

@@ -209,12 +209,14 @@ def _connect(cfg: RagConfig) -> MilvusClient:
     """A client of the configured Milvus. A Lite file's engine runs in this process; its BM25
     is made to score with the whole collection's statistics first (see
     :mod:`rag_app.compat.milvus_lite`: without it, rows added since the collection was last
-    flushed, e.g. by a later ingest, are scored against themselves alone)."""
+    flushed, e.g. by a later ingest, are scored against themselves alone), and NumPy's BLAS
+    is kept to one thread (:func:`~rag_app.compat.milvus_lite.one_blas_thread`)."""
     settings = cfg.milvus
     if settings.is_lite:
         _check_lite_path(Path(settings.uri).expanduser())
         milvus_lite_compat.install()
         milvus_lite_compat.accept_keepalive_pings()  # long-lived processes: rag-app serve
+        milvus_lite_compat.one_blas_thread()  # Lite's searches run in this process
     try:
         return MilvusClient(uri=settings.uri, token=settings.token.get_secret_value())
     except MilvusException as exc:
