@@ -85,7 +85,9 @@ def one_blas_thread() -> bool:
     2^28 cycles (its ``THREAD_TIMEOUT``, about 0.1 s), and on a 2-core machine that took half
     the CPU from the question embedded next: 8.0 ms per question embedded between dense
     searches, 5.5 ms with one BLAS thread (4.0 ms with no search in between; the 137 Milvus
-    docs questions, one run). False (nothing changed) without threadpoolctl."""
+    docs questions, one run). The limit holds for the whole process: an application that
+    wants BLAS threads for its own NumPy work can raise it again with threadpoolctl. False
+    (nothing changed) without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -192,11 +194,8 @@ def bm25_top_k(
 ) -> tuple[Any, Any]:  # fmt: skip
     """``SparseInvertedIndex.search`` of milvus-lite 3.2.2 with NumPy, scored with ``corpus``'s
     statistics: the same BM25 sums (float32, added term by term in the query's order), the
-    same ties (the row first reached comes first), the same result arrays.
-
-    Lite's own loops over every posting of every query term in Python: about 20 ms per
-    question over 6,000 chunks and 150 ms over 22,000 on this project's machine, most of a
-    hybrid search, where this takes a few hundred microseconds.
+    same ties (the row first reached comes first), the same result arrays. Lite's own loops
+    over every posting of every query term in Python (figures in the module's docstring).
     """
     import numpy as np
     from milvus_lite.index.sparse_common import empty_results, validate_mask
