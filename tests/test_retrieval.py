@@ -197,3 +197,28 @@ def test_a_search_returns_the_node_not_its_vectors_and_the_node_keeps_its_metada
     for hit in found:
         assert {"source", "title", "section"} <= set(hit.node.metadata)
         assert hit.node.get_content()
+
+
+def test_an_engine_given_only_the_config_opens_its_collection_with_one_embedding_model(
+    session_cfg, ingested, embed_model, monkeypatch
+):
+    """What ``build_query_engine(cfg)`` and ``build_chat_engine(cfg)`` search when given
+    neither index nor retriever: the configured collection, the model loaded once and
+    shared by the index and the relevance gate."""
+    import rag_app.components.embedding as embedding
+    import rag_app.pipelines.query as query
+
+    loads: list[object] = []
+
+    def load(cfg):
+        loads.append(cfg)
+        return embed_model
+
+    monkeypatch.setattr(query, "build_embed_model", load)
+    monkeypatch.setattr(embedding, "build_embed_model", load)
+    gated = with_retrieval(session_cfg, abstain_below=0.3)
+    retriever = query.configured_retriever(gated, top_k=3)
+    assert len(loads) == 1
+    assert sources(retriever.retrieve(HNSW_QUESTION))[0] == "reference/index.md"
+    assert retriever.retrieve("Who won the football World Cup in 1998?") == []  # the gate
+    assert len(loads) == 1

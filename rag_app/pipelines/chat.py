@@ -22,12 +22,10 @@ from llama_index.core.memory import Memory
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.vector_stores.types import MetadataFilters
 
-from rag_app.components.embedding import build_embed_model
 from rag_app.components.llm import build_llm
-from rag_app.components.retrieval import build_retriever
 from rag_app.config import RagConfig
 from rag_app.pipelines.answer import Answer, finish_answer
-from rag_app.pipelines.query import build_index
+from rag_app.pipelines.query import configured_retriever
 from rag_app.prompts import (
     CHAT_CONTEXT_PROMPT,
     CHAT_CONTEXT_REFINE_PROMPT,
@@ -81,12 +79,8 @@ def build_chat_engine(
     excerpts (``context_str``, ``context_msg``), the question and the conversation.
     """
     if retriever is None:
-        if index is None:
-            embed_model = embed_model or build_embed_model(cfg)
-            index = build_index(cfg, embed_model=embed_model)
-        retriever = build_retriever(
-            cfg, index, top_k=top_k, filters=filters, embed_model=embed_model
-        )
+        retriever = configured_retriever(cfg, index, top_k=top_k, filters=filters,
+                                         embed_model=embed_model)  # fmt: skip
     llm = llm or build_llm(cfg)
     return CondensePlusContextChatEngine.from_defaults(
         retriever=retriever,

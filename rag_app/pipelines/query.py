@@ -144,6 +144,23 @@ def build_index(
     return VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model)
 
 
+def configured_retriever(
+    cfg: RagConfig,
+    index: VectorStoreIndex | None = None,
+    *,
+    top_k: int | None = None,
+    filters: MetadataFilters | None = None,
+    embed_model: BaseEmbedding | None = None,
+) -> BaseRetriever:
+    """The configured retriever over ``index``, or over the configured collection opened
+    with ``embed_model`` (loaded once, shared by the index and the relevance gate): what the
+    query and chat engines search when they are not given a retriever."""
+    if index is None:
+        embed_model = embed_model or build_embed_model(cfg)
+        index = build_index(cfg, embed_model=embed_model)
+    return build_retriever(cfg, index, top_k=top_k, filters=filters, embed_model=embed_model)
+
+
 def build_query_engine(
     cfg: RagConfig,
     *,
@@ -162,12 +179,8 @@ def build_query_engine(
     shares one between its streaming and whole-answer engines).
     """
     if retriever is None:
-        if index is None:
-            embed_model = embed_model or build_embed_model(cfg)
-            index = build_index(cfg, embed_model=embed_model)
-        retriever = build_retriever(
-            cfg, index, top_k=top_k, filters=filters, embed_model=embed_model
-        )
+        retriever = configured_retriever(cfg, index, top_k=top_k, filters=filters,
+                                         embed_model=embed_model)  # fmt: skip
     llm = llm or build_llm(cfg)
     synthesizer = GroundedSynthesizer(
         llm=llm,
