@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -170,14 +171,13 @@ def test_milvus_gone_mid_ingest_fails_in_one_line_and_a_rerun_completes(
 
 READER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys
     from rag_app import build_index, build_retriever, load_config
     cfg = load_config(sys.argv[1], milvus__uri=sys.argv[2], retrieval__top_k=20,
                       retrieval__dedupe=False)
     retriever = build_retriever(cfg, build_index(cfg))
     print("ready", flush=True)
-    end = time.monotonic() + float(sys.argv[3])
-    while time.monotonic() < end:
+    while not os.path.exists(sys.argv[3]):
         try:
             found = retriever.retrieve("How are replicas and shards balanced?")
             print(json.dumps(sorted({n.node.metadata["doc_hash"] for n in found
@@ -202,31 +202,50 @@ def test_readers_see_the_old_or_the_new_version_while_a_writer_changes_it(
     store = build_vector_store(cfg, embed_model)
     ingest_path(cfg, folder, embed_model=embed_model, vector_store=store)
 
+    stop = tmp_path / "stop"
     env = {**os.environ, "RAG_APP_MILVUS__COLLECTION": collection}
+    logs = [tmp_path / f"reader{n}.log" for n in range(2)]
     readers = [
         subprocess.Popen(
-            [sys.executable, "-c", READER, str(PROFILE), milvus_server, "40"],
+            [sys.executable, "-c", READER, str(PROFILE), milvus_server, str(stop)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=log.open("w"),
             text=True,
             env=env,
         )
-        for _ in range(2)
+        for log in logs
     ]
+    seen: list[list[str] | dict[str, str]] = []
     for reader in readers:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
-    versions = set()
-    for turn in range(8):  # the document alternates between 12 chunks and 1
+    collectors = [
+        threading.Thread(target=lambda out=r.stdout: seen.extend(json.loads(ln) for ln in out))
+        for r in readers
+    ]
+    for collector in collectors:
+        collector.start()
+
+    def read_versions() -> set[str]:
+        return {h for hashes in list(seen) if isinstance(hashes, list) for h in hashes}
+
+    written = set()
+    turn, deadline = 0, time.monotonic() + 120
+    # The document alternates between 12 chunks and 1, at least 8 times and until the readers
+    # have read both (a loaded machine may answer few reads per write).
+    while turn < 8 or (len(read_versions()) < 2 and time.monotonic() < deadline):
         page.write_text(short if turn % 2 == 0 else long)
         ingest_path(cfg, folder, embed_model=embed_model, vector_store=store)
-        versions |= {r["doc_hash"] for r in store.client.query(
+        written |= {r["doc_hash"] for r in store.client.query(
             collection, filter='id != ""', output_fields=["doc_hash"])}  # fmt: skip
-    outputs = [reader.communicate(timeout=120)[0].splitlines() for reader in readers]
-    seen = [json.loads(line) for lines in outputs for line in lines]
-    assert len(seen) > 20  # reads happened throughout
+        turn += 1
+    stop.touch()
+    for reader, collector, log in zip(readers, collectors, logs, strict=True):
+        assert reader.wait(timeout=120) == 0, log.read_text()[-2000:]
+        collector.join(timeout=10)
+    assert len(seen) > 8  # reads happened throughout
     assert [s for s in seen if isinstance(s, dict)] == []  # no reader ever failed
     assert all(len(hashes) == 1 for hashes in seen)  # one version of the document per read
-    assert len({hashes[0] for hashes in seen}) == 2  # both versions were seen, at times
+    assert read_versions() == written and len(written) == 2  # both versions were read, at times
 
 
 def test_newest_version_keeps_one_version_of_each_document():
